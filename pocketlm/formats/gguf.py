@@ -126,7 +126,8 @@ def dequantize(tensor) -> np.ndarray:
             "Q2_K..Q6_K"
         ) from None
     shape = tuple(int(n) for n in reversed(tensor.shape))  # GGUF lists ne0 (columns) first
-    return np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+    arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+    return arr if arr.flags.writeable else arr.copy()  # F32 tensors are read-only memmap views
 
 
 def read_state_dict(f: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor]:
