@@ -19,6 +19,7 @@ from pocketlm.errors import PocketError
 _PLUGINS = [
     "pocketlm.evaluate.commands",
     "pocketlm.compress.commands",
+    "pocketlm.compress.prune_commands",
     "pocketlm.train.commands",
     "pocketlm.serve.commands",
 ]

@@ -24,9 +24,10 @@ def peak_rss_bytes() -> int:
 
 
 def weight_bytes(network: torch.nn.Module) -> int:
-    """Bytes of distinct parameter/buffer storage the network reads (tied weights once)."""
+    """Bytes of the weights (state dict: parameters and persistent buffers such as packed
+    quantized weights), counting tied tensors once; RoPE tables are not weights."""
     seen, total = set(), 0
-    for t in list(network.parameters()) + list(network.buffers()):
+    for t in network.state_dict().values():
         key = t.untyped_storage().data_ptr()
         if key not in seen:
             seen.add(key)

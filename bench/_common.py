@@ -1,0 +1,76 @@
+"""Shared by bench scripts: write results JSON and append a dated section to BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+SHARED = REPO.parent / "shared"
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def write_results(name: str, figures: dict) -> Path:
+    """bench/results/NAME.json, written atomically; keys should carry their units."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"machine": machine(), **figures}, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def append_section(title: str, body: str) -> None:
+    """Append '## YYYY-MM-DD — title' and body (Markdown) to BENCHMARKS.md."""
+    path = REPO / "BENCHMARKS.md"
+    if not path.exists():
+        path.write_text("# Benchmarks\n\nEach section is appended by a script in `bench/`; "
+                        "figures are medians of side-by-side runs on the machine named.\n")
+    m = machine()
+    day = m["date"][:10]
+    with open(path, "a") as f:
+        f.write(f"\n## {day} — {title}\n\n_{m['cpu']}, {m['cores']} cores, commit {m['commit']}_\n\n"
+                f"{body.strip()}\n")
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    def fmt(x):
+        return f"{x:.4g}" if isinstance(x, float) else str(x)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def alternate(fns: dict, rounds: int = 3) -> dict:
+    """Run each callable in turn, A B A B ..., `rounds` times; median seconds of each."""
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}

@@ -1,0 +1,246 @@
+"""Continuous batching: many requests, one KV cache, one decode loop on a background thread.
+
+The scheduler owns one ``KVCache`` with ``max_batch`` rows. A new request is prefilled into
+a free row (``prefill``); then every step runs one ``decode_step`` over rows 0..n-1 for all
+active sequences, each at its own position. Rows in that range with no sequence get a dummy
+token at position 0 (their row is overwritten by the next prefill, so the write is harmless).
+Each sequence's ``SequenceState.accept`` picks its token and applies its stop rules, exactly
+as in ``generate``, so the server and ``Model.generate`` share one code path. A sequence that
+finishes, times out or is cancelled (client gone) leaves its row at once, and the next
+waiting request takes it before the following step.
+
+Results go to each request through ``Request.sink``, called on the scheduler thread with
+each ``Token``; the server's sink hands them to the event loop thread-safely. The last Token
+of a request has a ``finish_reason``: "stop", "length", or "timeout"/"cancelled"/"error".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from pocketlm.engine.generate import SequenceState, Token, check_prompt, decode_step, prefill
+from pocketlm.engine.sampling import SamplingParams
+from pocketlm.errors import PocketError
+from pocketlm.model.transformer import KVCache
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(PocketError):
+    """More requests are waiting than ``max_queue`` allows; retry later."""
+
+
+class Constraint(Protocol):
+    """Restricts which tokens a sequence may pick (e.g. JSON-constrained decoding)."""
+
+    def allowed(self, remaining: int) -> torch.Tensor:  # (V,) bool, given tokens left
+        ...
+
+    def advance(self, token_id: int) -> None: ...
+
+    @property
+    def complete(self) -> bool: ...
+
+
+@dataclass
+class Request:
+    """One sequence to generate. ``sink`` receives every Token on the scheduler thread."""
+
+    prompt: list[int]
+    params: SamplingParams
+    sink: Callable[[Token], None]
+    index: int = 0  # reported in each Token (the choice index)
+    timeout: float | None = None  # seconds from submission, queueing included
+    constraint: Constraint | None = None
+    submitted: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Stop generating (e.g. the client disconnected); the row is freed at the next step."""
+        self.cancelled = True
+
+    @property
+    def expired(self) -> bool:
+        return self.timeout is not None and time.monotonic() - self.submitted > self.timeout
+
+
+@dataclass
+class _Slot:
+    request: Request
+    seq: SequenceState
+
+
+class Scheduler:
+    """Continuous batching over one model; thread-safe ``submit``, one background thread.
+
+    ``max_batch`` sequences decode together; up to ``max_queue`` more wait for a row, and
+    ``submit`` raises QueueFull beyond that. ``max_len`` is the context each row holds
+    (default: the model's, capped at 4096 to bound the cache's memory).
+    """
+
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.model = model
+        self.network = model.network
+        self.tokenizer = model.tokenizer
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_len = min(max_len or 4096, model.config.max_seq_len)
+        self.cache = KVCache.allocate(
+            model.config, max_batch, self.max_len, dtype=self.network.lm_head.weight.dtype
+        )
+        self.rows: list[_Slot | None] = [None] * max_batch
+        self.waiting: deque[Request] = deque()
+        self.steps = 0  # decode steps run (for tests and metrics)
+        self.on_step: Callable[[int, int], None] | None = None  # (batch rows, active) hook
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="pocketlm-scheduler", daemon=True)
+        self._thread.start()
+
+    # -- the public side (any thread) -------------------------------------------------------
+    def check(self, prompt: list[int]) -> None:
+        """Raise InvalidArgument/ContextOverflow if ``prompt`` cannot be served."""
+        check_prompt(prompt, self.max_len)
+
+    def submit(self, requests: list[Request]) -> None:
+        """Queue ``requests`` together, or none of them: raises QueueFull when the queue
+        would exceed ``max_queue``, and ContextOverflow/InvalidArgument for a bad prompt."""
+        for r in requests:
+            self.check(r.prompt)
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            free = self.rows.count(None)
+            waiting = sum(not r.cancelled for r in self.waiting)
+            if waiting + len(requests) - free > self.max_queue:
+                raise QueueFull(
+                    f"{waiting} requests are already waiting (max_queue={self.max_queue}); "
+                    "retry shortly"
+                )
+            self.waiting.extend(requests)
+            self._cond.notify()
+
+    @property
+    def queue_length(self) -> int:
+        return sum(not r.cancelled for r in self.waiting)
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self.rows)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel everything still waiting or running and end the background thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    # -- the loop (scheduler thread) --------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._cond:
+                    while not self._stopping and not self.waiting and not self.active:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._admit()
+                    self._step()
+                except Exception:  # a bug must not take the server down: fail the batch
+                    log.exception("scheduler step failed; failing the running requests")
+                    for i, slot in enumerate(self.rows):
+                        if slot is not None:
+                            self._finish(i, "error")
+        for i, slot in enumerate(self.rows):
+            if slot is not None:
+                self._finish(i, "cancelled")
+        with self._cond:
+            pending, self.waiting = list(self.waiting), deque()
+        for r in pending:
+            self._send(r, Token(r.index, -1, 0.0, "", "cancelled"))
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free rows (lowest first, to keep the batch short)."""
+        while None in self.rows:
+            with self._cond:
+                if not self.waiting:
+                    return
+                r = self.waiting.popleft()
+            if r.cancelled:
+                self._send(r, Token(r.index, -1, 0.0, "", "cancelled"))
+                continue
+            if r.expired:
+                self._send(r, Token(r.index, -1, 0.0, "", "timeout"))
+                continue
+            row = self.rows.index(None)
+            seq = SequenceState(r.index, r.prompt, r.params, self.tokenizer, self.max_len)
+            if seq.limit <= 0:
+                self._send(r, Token(r.index, -1, 0.0, "", "length"))
+                continue
+            self.rows[row] = slot = _Slot(r, seq)
+            try:
+                logits = prefill(self.network, self.cache, row, r.prompt)
+            except Exception:
+                log.exception("prefill failed")
+                self._finish(row, "error")
+                continue
+            self._accept(row, slot, logits)
+
+    def _step(self) -> None:
+        for i, slot in enumerate(self.rows):  # leave before computing anything for them
+            if slot is not None and (slot.request.cancelled or slot.request.expired):
+                self._finish(i, "cancelled" if slot.request.cancelled else "timeout")
+        live = [i for i, s in enumerate(self.rows) if s is not None]
+        if not live:
+            return
+        n = live[-1] + 1
+        tokens = torch.zeros(n, dtype=torch.long)
+        positions = torch.zeros(n, dtype=torch.long)
+        for i in live:
+            seq = self.rows[i].seq
+            tokens[i], positions[i] = seq.out[-1], seq.pos
+        logits = decode_step(self.network, self.cache, tokens, positions)  # (n, V)
+        self.steps += 1
+        if self.on_step:
+            self.on_step(n, len(live))
+        for i in live:
+            slot = self.rows[i]
+            slot.seq.pos += 1
+            self._accept(i, slot, logits[i])
+
+    def _accept(self, row: int, slot: _Slot, logits: torch.Tensor) -> None:
+        seq, c = slot.seq, slot.request.constraint
+        if c is not None:
+            allowed = c.allowed(seq.limit - len(seq.out))
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        tok = seq.accept(logits)
+        if c is not None:
+            c.advance(tok.id)
+            if c.complete and tok.finish_reason == "length":
+                tok.finish_reason = seq.finish_reason = "stop"  # the value is whole: not cut
+        self._send(slot.request, tok)
+        if seq.done:
+            self.rows[row] = None
+
+    def _finish(self, row: int, reason: str) -> None:
+        slot = self.rows[row]
+        self.rows[row] = None
+        slot.seq.finish_reason = reason
+        self._send(slot.request, Token(slot.request.index, -1, 0.0, "", reason))
+
+    def _send(self, r: Request, tok: Token) -> None:
+        try:
+            r.sink(tok)
+        except Exception:  # a consumer that went away must not stop the others
+            log.exception("could not deliver a token; cancelling that request")
+            r.cancelled = True
