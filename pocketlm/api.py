@@ -26,7 +26,7 @@ from pocketlm.formats import gguf as gguf_format, huggingface as hf_format, regi
 from pocketlm.model.card import Card
 from pocketlm.model.config import ModelConfig
 from pocketlm.model.tokenizer import Tokenizer
-from pocketlm.model.transformer import Transformer
+from pocketlm.model.transformer import Transformer, to_column_major
 
 _SAMPLING_KEYS = {f.name for f in fields(SamplingParams)}
 
@@ -148,6 +148,8 @@ class Model:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         cfg = self.config.to_hf()
+        if getattr(self.network, "quantization_config", None):  # packed weights: see compress/
+            cfg["quantization_config"] = self.network.quantization_config
         hf_format.save_state_dict(self.network.state_dict(), folder, self.config.tie_embeddings)
         self.tokenizer.save(folder)
         self.card.save(folder)
@@ -210,6 +212,10 @@ def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: torch.dtype =
     """
     set_threads(threads)
     path = resolve(name_or_path)
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        from pocketlm.train.lora import load_adapter  # a LoRA adapter folder: base + merged update
+
+        return load_adapter(path, dtype=dtype, threads=threads)
     if path.is_file() and path.suffix == ".gguf" or path.is_file() and _is_gguf(path):
         f = gguf_format.GGUFFile(path)
         config = gguf_format.read_config(f)
@@ -236,8 +242,22 @@ def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: torch.dtype =
         )
     else:
         raise FormatError(f"{path} is neither a .gguf file nor a model folder")
-    network = build_network(config, state, dtype, source=str(path))
+    qconfig = _quantization_config(path)
+    if qconfig:  # a quantized folder: swap in the modules that compute from packed weights
+        from pocketlm.compress.qlinear import build_quantized_network
+
+        network = build_quantized_network(config, state, qconfig, dtype)
+    else:
+        network = build_network(config, state, dtype, source=str(path))
     return Model(network, tokenizer, card)
+
+
+def _quantization_config(path: Path) -> dict | None:
+    """config.json's pocketlm ``quantization_config`` block, if the folder has one."""
+    if not path.is_dir():
+        return None
+    cfg = json.loads((path / "config.json").read_text()).get("quantization_config")
+    return cfg if cfg and cfg.get("quant_method") == "pocketlm" else None
 
 
 def build_network(config: ModelConfig, state: dict, dtype=torch.float32, source: str = "") -> Transformer:
@@ -266,7 +286,7 @@ def build_network(config: ModelConfig, state: dict, dtype=torch.float32, source:
     network.rope_cos, network.rope_sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
     if config.tie_embeddings:
         network.lm_head.weight = network.embed_tokens.weight
-    return network.to(dtype).eval()
+    return to_column_major(network.to(dtype)).eval()
 
 
 def _is_gguf(path: Path) -> bool:

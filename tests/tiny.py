@@ -11,7 +11,7 @@ from pocketlm.api import Model
 from pocketlm.model.card import Card
 from pocketlm.model.config import ModelConfig
 from pocketlm.model.tokenizer import Tokenizer
-from pocketlm.model.transformer import Transformer
+from pocketlm.model.transformer import Transformer, to_column_major
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -56,4 +56,5 @@ def make_tiny_model(seed: int = 0, **overrides) -> Model:
         for p in net.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.08)
-    return Model(net, make_tokenizer(), Card(name="tiny", source="tests"))
+    # the layout pocketlm.load gives, so save -> load round trips are bit-identical
+    return Model(to_column_major(net), make_tokenizer(), Card(name="tiny", source="tests"))

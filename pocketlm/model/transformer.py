@@ -85,6 +85,27 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+SMALL_QUERY = 16  # up to this many new tokens per pass, attention is written out by hand
+
+
+def grouped_attention(q, k, v, mask):
+    """Attention for a few query tokens: q (B, H, T, E), k/v (B, K, L, E), mask (B, 1, T, L).
+
+    At decode time the scores are tiny, and PyTorch's CPU flash-attention kernel spends ~5 ms
+    a call on set-up (half of a decode step for this model); plain matmuls take ~0.1 ms.
+    The G = H/K query heads that share a kv head are stacked so k and v are never copied.
+    """
+    B, H, T, E = q.shape
+    K = k.shape[1]
+    G = H // K
+    q = q.reshape(B, K, G * T, E)  # head h = (group h // G, member h % G), as repeat_kv does
+    scores = (q @ k.transpose(-1, -2)) * E**-0.5  # (B, K, G*T, L)
+    mask = mask.expand(B, G, T, mask.shape[-1]).reshape(B, 1, G * T, -1)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    y = torch.softmax(scores.float(), dim=-1).to(q.dtype) @ v  # (B, K, G*T, E)
+    return y.view(B, H, T, E)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -115,8 +136,11 @@ class Attention(nn.Module):
             v_cache.scatter_(2, write_index, v.to(v_cache.dtype))
             L = mask.shape[-1]
             k, v = k_cache[:, :, :L].to(q.dtype), v_cache[:, :, :L].to(q.dtype)  # (B, K, L, E)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)  # (B, H, T, E)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        if T <= SMALL_QUERY:
+            y = grouped_attention(q, k, v, mask)
+        else:  # long queries (prefill): the fused kernel, which never builds (T, L) per head
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, E) -> (B, T, H*E)
 
 
 class MLP(nn.Module):
@@ -201,3 +225,23 @@ class Transformer(nn.Module):
         for layer, layer_cache in zip(self.layers, layer_caches):
             x = layer(x, cos, sin, mask, layer_cache, write_index)
         return self.norm(x)
+
+
+def to_column_major(network: nn.Module) -> nn.Module:
+    """Store every Linear weight column-major: ``weight`` stays (out, in) but is a transposed
+    view of a contiguous (in, out) tensor, so ``F.linear`` becomes ``x @ W_t`` on contiguous
+    memory. On a 2-core AVX2 machine this made batch-1 decode 28% faster and prefill 10%
+    faster than PyTorch's default row-major layout (A/B in one process; BENCHMARKS.md).
+    State dicts are unchanged (same names and shapes); tied weights stay tied.
+    """
+    converted: dict[int, nn.Parameter] = {}
+    for module in network.modules():
+        if isinstance(module, nn.Linear) and module.weight.is_contiguous():
+            w = module.weight
+            if id(w) not in converted:
+                converted[id(w)] = nn.Parameter(w.detach().t().contiguous().t(), w.requires_grad)
+            module.weight = converted[id(w)]
+    for module in network.modules():  # an embedding tied to a converted output layer
+        if isinstance(module, nn.Embedding) and id(module.weight) in converted:
+            module.weight = converted[id(module.weight)]
+    return network

@@ -1,0 +1,191 @@
+"""Engine speed: pocketlm vs transformers (and llama.cpp when built), side by side.
+
+    .venv/bin/python bench/engine.py [--threads 2] [--rounds 3] [--new-tokens 128]
+
+Same weights (the default model's GGUF, dequantized to fp32 by each side's own loader), same
+thread count, same prompt, greedy. Engines alternate A B A B and medians are reported, since
+absolute speed on shared machines drifts 30-40% over hours; ratios within one run hold.
+
+- decode tokens/s: (new tokens - 1) / time from the first new token to the last; both sides
+  are timed per token (ours from the engine's stream, transformers' with a streamer).
+- prefill tokens/s: one pass over a 512-token prompt into a fresh KV cache.
+- llama.cpp: `llama-bench -p 512 -n 128 -t THREADS` on F32 and Q8_0/Q4_0 files made by
+  `llama-quantize --allow-requantize` (needs .peer/build, see .peer/build.sh; skipped if absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, SHARED, append_section, markdown_table, write_results  # noqa: E402
+
+import pocketlm  # noqa: E402
+from pocketlm.api import resolve  # noqa: E402
+from pocketlm.engine.generate import prefill  # noqa: E402
+from pocketlm.model.transformer import KVCache  # noqa: E402
+
+PEER_BIN = REPO / ".peer" / "build" / "bin"
+BANDWIDTH_GBPS = 18.0  # measured read bandwidth of this machine class (engine issue)
+
+
+def prompt_ids(model, n: int) -> list[int]:
+    text = (SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw").read_text()[:20000]
+    ids = model.encode(text)
+    assert len(ids) >= n
+    return ids[:n]
+
+
+# -- ours -------------------------------------------------------------------------------------
+def ours_decode(model, ids: list[int], new: int) -> float:
+    stamps = []
+    for _ in model.stream_tokens([ids], max_tokens=new, temperature=0, ignore_eos=True):
+        stamps.append(time.perf_counter())
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+
+@torch.inference_mode()
+def ours_prefill(model, ids: list[int]) -> float:
+    cache = KVCache.allocate(model.config, 1, len(ids) + 1)
+    t0 = time.perf_counter()
+    prefill(model.network, cache, 0, ids)
+    return len(ids) / (time.perf_counter() - t0)
+
+
+# -- transformers -----------------------------------------------------------------------------
+class _Stamps:
+    """A transformers streamer that only records when each new token arrives."""
+
+    def __init__(self):
+        self.times, self.first = [], True
+
+    def put(self, value):
+        if self.first:  # the prompt
+            self.first = False
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def hf_load():
+    import transformers
+
+    path = resolve("smollm2-135m-instruct")
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def hf_decode(hf, ids: list[int], new: int) -> float:
+    s = _Stamps()
+    hf.generate(torch.tensor([ids]), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                streamer=s, pad_token_id=0)
+    return (len(s.times) - 1) / (s.times[-1] - s.times[0])
+
+
+@torch.inference_mode()
+def hf_prefill(hf, ids: list[int]) -> float:
+    t0 = time.perf_counter()
+    hf(torch.tensor([ids]), use_cache=True)
+    return len(ids) / (time.perf_counter() - t0)
+
+
+# -- llama.cpp ----------------------------------------------------------------------------------
+def llama_cpp(threads: int, new: int) -> dict:
+    bench, quant = PEER_BIN / "llama-bench", PEER_BIN / "llama-quantize"
+    if not bench.exists():
+        print("llama.cpp not built (.peer/build.sh); skipping the peer", file=sys.stderr)
+        return {}
+    src = resolve("smollm2-135m-instruct")
+    out = {}
+    for qtype in ["F32", "F16", "Q8_0", "Q4_0"]:
+        f = REPO / ".peer" / f"smollm2-135m-{qtype}.gguf"
+        if not f.exists():
+            subprocess.run([str(quant), "--allow-requantize", str(src), str(f), qtype],
+                           check=True, capture_output=True)
+        r = subprocess.run([str(bench), "-m", str(f), "-t", str(threads), "-p", "512", "-n", str(new),
+                            "-r", "3", "-o", "json"], check=True, capture_output=True, text=True)
+        for row in json.loads(r.stdout):
+            kind = "prefill" if row["n_prompt"] else "decode"
+            out[f"llama_cpp_{qtype}_{kind}_tokens_per_s"] = row["avg_ts"]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
+    a = ap.parse_args()
+
+    torch.set_num_threads(a.threads)
+    ours = pocketlm.load("smollm2-135m-instruct", threads=a.threads)
+    hf = hf_load()
+    torch.set_num_threads(a.threads)
+    decode_prompt, long_prompt = prompt_ids(ours, 64), prompt_ids(ours, 512)
+
+    runs = {k: [] for k in ["ours_decode", "hf_decode", "ours_prefill", "hf_prefill"]}
+    ours_decode(ours, decode_prompt, 8)  # warm-up both
+    hf_decode(hf, decode_prompt, 8)
+    for r in range(a.rounds):  # A B A B
+        runs["ours_decode"].append(ours_decode(ours, decode_prompt, a.new_tokens))
+        runs["hf_decode"].append(hf_decode(hf, decode_prompt, a.new_tokens))
+        runs["ours_prefill"].append(ours_prefill(ours, long_prompt))
+        runs["hf_prefill"].append(hf_prefill(hf, long_prompt))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()), file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    weight_gb = 538e6 / 1e9  # fp32 bytes read per decode step (weights, tied lm_head once)
+    figures = {
+        "threads": a.threads,
+        "rounds": a.rounds,
+        "new_tokens": a.new_tokens,
+        "decode_prompt_tokens": len(decode_prompt),
+        "prefill_prompt_tokens": len(long_prompt),
+        "ours_fp32_decode_tokens_per_s": med["ours_decode"],
+        "transformers_fp32_decode_tokens_per_s": med["hf_decode"],
+        "decode_ratio_ours_over_transformers": med["ours_decode"] / med["hf_decode"],
+        "ours_fp32_prefill_tokens_per_s": med["ours_prefill"],
+        "transformers_fp32_prefill_tokens_per_s": med["hf_prefill"],
+        "prefill_ratio_ours_over_transformers": med["ours_prefill"] / med["hf_prefill"],
+        "ours_fp32_decode_effective_gb_per_s": med["ours_decode"] * weight_gb,
+        "bandwidth_bound_fp32_decode_tokens_per_s": BANDWIDTH_GBPS / weight_gb,
+        "all_runs": runs,
+    }
+    if not a.no_peer:
+        figures.update(llama_cpp(a.threads, a.new_tokens))
+    write_results("engine", figures)
+
+    rows = [
+        ["pocketlm fp32", f"{med['ours_decode']:.1f}", f"{med['ours_prefill']:.0f}"],
+        ["transformers fp32", f"{med['hf_decode']:.1f}", f"{med['hf_prefill']:.0f}"],
+        ["ratio (ours / transformers)", f"{figures['decode_ratio_ours_over_transformers']:.2f}x",
+         f"{figures['prefill_ratio_ours_over_transformers']:.2f}x"],
+    ]
+    for q in ["F32", "F16", "Q8_0", "Q4_0"]:
+        if f"llama_cpp_{q}_decode_tokens_per_s" in figures:
+            rows.append([f"llama.cpp {q}", f"{figures[f'llama_cpp_{q}_decode_tokens_per_s']:.1f}",
+                         f"{figures[f'llama_cpp_{q}_prefill_tokens_per_s']:.0f}"])
+    rows.append(["fp32 bandwidth bound (18 GB/s)", f"{figures['bandwidth_bound_fp32_decode_tokens_per_s']:.1f}", ""])
+    table = markdown_table(["engine", "decode tokens/s (batch 1)", "prefill tokens/s (512)"], rows)
+    print(table)
+    append_section(
+        "engine: pocketlm vs transformers (fp32, SmolLM2-135M-Instruct)",
+        f"`bench/engine.py`: {a.threads} threads, greedy, {a.new_tokens} new tokens after a "
+        f"{len(decode_prompt)}-token prompt; prefill of {len(long_prompt)} tokens; medians of "
+        f"{a.rounds} alternating rounds.\n\n{table}\n",
+    )
+
+
+if __name__ == "__main__":
+    main()
