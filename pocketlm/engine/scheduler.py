@@ -76,6 +76,10 @@ class Request:
 class _Slot:
     request: Request
     seq: SequenceState
+    filled: int = 0  # prompt tokens already in the cache; decoding starts when all are
+
+
+PREFILL_CHUNK = 256  # prompt tokens prefilled between two decode steps (bounds others' stall)
 
 
 class Scheduler:
@@ -170,7 +174,7 @@ class Scheduler:
             self._send(r, Token(r.index, -1, 0.0, "", "cancelled"))
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free rows (lowest first, to keep the batch short)."""
+        """Give waiting requests the free rows (lowest first, to keep the batch short)."""
         while None in self.rows:
             with self._cond:
                 if not self.waiting:
@@ -182,30 +186,51 @@ class Scheduler:
             if r.expired:
                 self._send(r, Token(r.index, -1, 0.0, "", "timeout"))
                 continue
-            row = self.rows.index(None)
             seq = SequenceState(r.index, r.prompt, r.params, self.tokenizer, self.max_len)
             if seq.limit <= 0:
                 self._send(r, Token(r.index, -1, 0.0, "", "length"))
                 continue
-            self.rows[row] = slot = _Slot(r, seq)
+            self.rows[self.rows.index(None)] = _Slot(r, seq)
+
+    def _prefill(self) -> None:
+        """Prefill up to PREFILL_CHUNK prompt tokens of the rows still reading their prompt.
+
+        A long prompt is read in chunks between decode steps, so the sequences already
+        decoding keep streaming while it loads; a row's last chunk yields its first token.
+        """
+        budget = PREFILL_CHUNK
+        for i, slot in enumerate(self.rows):
+            if budget <= 0:
+                return
+            if slot is None or slot.filled == len(slot.request.prompt):
+                continue
+            prompt = slot.request.prompt
+            chunk = prompt[slot.filled : slot.filled + budget]
             try:
-                logits = prefill(self.network, self.cache, row, r.prompt)
+                logits = prefill(self.network, self.cache, i, chunk, start=slot.filled)
             except Exception:
                 log.exception("prefill failed")
-                self._finish(row, "error")
+                self._finish(i, "error")
                 continue
-            self._accept(row, slot, logits)
+            slot.filled += len(chunk)
+            budget -= len(chunk)
+            if slot.filled == len(prompt):
+                self._accept(i, slot, logits)
 
     def _step(self) -> None:
         for i, slot in enumerate(self.rows):  # leave before computing anything for them
             if slot is not None and (slot.request.cancelled or slot.request.expired):
                 self._finish(i, "cancelled" if slot.request.cancelled else "timeout")
-        live = [i for i, s in enumerate(self.rows) if s is not None]
+        self._prefill()
+        live = [i for i, s in enumerate(self.rows) if s is not None and s.seq.out]
         if not live:
             return
         n = live[-1] + 1
+        # Rows in 0..n-1 that are not decoding get a dummy token: a free row at position 0 (the
+        # next prefill rewrites it), a row still reading its prompt at its next prompt position
+        # (its next chunk rewrites it), so no cache entry that matters is touched.
         tokens = torch.zeros(n, dtype=torch.long)
-        positions = torch.zeros(n, dtype=torch.long)
+        positions = torch.tensor([s.filled if s is not None else 0 for s in self.rows[:n]])
         for i in live:
             seq = self.rows[i].seq
             tokens[i], positions[i] = seq.out[-1], seq.pos
