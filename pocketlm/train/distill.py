@@ -1,0 +1,364 @@
+"""Knowledge distillation: divergences, the teacher's top-k cache, and building a student.
+
+Divergences compare the teacher's next-token distribution p with the student's q at every
+target position, both at temperature T, on a common support: the whole vocabulary when the
+teacher runs on the fly, or the teacher's top-k tokens when read from the cache, where both
+teacher is renormalised over those k tokens; for forward KL the student keeps its full-vocabulary
+log-probabilities at those ids (so the loss also pulls the student's mass into the teacher's
+top-k; identical models give -log(student's top-k mass), 0 when k covers the vocabulary), for
+the other divergences the student is renormalised over the k tokens too (0 for identical
+models). The first version renormalised the student for forward KL as well, which left mass
+outside the top-k unpenalised; see BENCHMARKS.md for the two measured side by side.
+
+- ``forward``: KL(p || q), mean-seeking (Hinton et al.; DistillKit's default).
+- ``reverse``: KL(q || p), mode-seeking (MiniLLM).
+- ``symmetric``: (KL(p||q) + KL(q||p)) / 2.
+- ``jsd``: Jensen-Shannon, KL(p||m)/2 + KL(q||m)/2 with m = (p + q)/2.
+
+The distillation loss is ``kd_weight * T^2 * divergence + (1 - kd_weight) * cross-entropy``
+(T^2 keeps gradient scales comparable across temperatures).
+
+The cache holds, for every target position of the packed training rows, the teacher's k
+likeliest token ids (int32) and their log-probabilities (fp16) at T = 1, in one safetensors
+file with the data's fingerprint, the teacher and the tokenizer in its metadata; any
+temperature is applied when it is read, since softmax(z/T) over k tokens equals the
+renormalised exp(log p / T).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketlm.errors import InvalidArgument, PocketError
+from pocketlm.model.config import ModelConfig
+from pocketlm.train.data import Blocks
+
+LOSSES = ("forward", "reverse", "symmetric", "jsd")
+PRESETS = {  # name -> (layers, width, heads, kv heads, SwiGLU width)
+    "nano": (4, 256, 4, 2, 768),
+    "micro": (6, 384, 6, 2, 1024),
+    "mini": (10, 576, 9, 3, 1536),
+}
+
+
+class TokenizerMismatch(PocketError):
+    """Teacher and student tokenize differently, so their distributions cannot be compared."""
+
+
+# -- divergences --------------------------------------------------------------------------
+def divergence(
+    student_logp: torch.Tensor, teacher_logp: torch.Tensor, kind: str = "forward"
+) -> torch.Tensor:
+    """Per-position divergence (...,) between log-distributions (..., K) on the same support."""
+    if kind not in LOSSES:
+        raise InvalidArgument(f"distillation loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+    p, q = teacher_logp.exp(), student_logp.exp()
+    if kind == "forward":
+        return (p * (teacher_logp - student_logp)).sum(-1)
+    if kind == "reverse":
+        return (q * (student_logp - teacher_logp)).sum(-1)
+    if kind == "symmetric":
+        return 0.5 * ((p - q) * (teacher_logp - student_logp)).sum(-1)
+    m_log = torch.logaddexp(teacher_logp, student_logp) - torch.log(torch.tensor(2.0))
+    return 0.5 * (p * (teacher_logp - m_log)).sum(-1) + 0.5 * (q * (student_logp - m_log)).sum(-1)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    kind: str = "forward",
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """T^2-scaled divergence per position (B, T).
+
+    ``teacher`` is full logits (B, T, V), or a (log-probs, ids) pair (B, T, K) from the cache;
+    in the second case the teacher is renormalised over the K ids (see the module docstring).
+    """
+    if temperature <= 0:
+        raise InvalidArgument(f"temperature must be > 0, got {temperature}")
+    s = student_logits.float() / temperature
+    if isinstance(teacher, tuple):
+        t_logp, ids = teacher
+        t_logp = torch.log_softmax(t_logp.float() / temperature, dim=-1)
+        if kind == "forward":
+            # the student's full-vocabulary log-probs at the teacher's ids: the loss then also
+            # pulls the student's mass into the teacher's top-k (a constant offset -log Z for
+            # identical models, where Z is the student's top-k mass)
+            s_logp = torch.log_softmax(s, dim=-1).gather(-1, ids.long())
+        else:
+            s_logp = torch.log_softmax(s.gather(-1, ids.long()), dim=-1)
+    else:
+        t_logp = torch.log_softmax(teacher.float() / temperature, dim=-1)
+        s_logp = torch.log_softmax(s, dim=-1)
+    return divergence(s_logp, t_logp, kind) * temperature**2
+
+
+# -- the teacher cache --------------------------------------------------------------------
+def tokenizer_digest(tokenizer) -> str:
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
+
+
+@torch.no_grad()
+def build_cache(
+    teacher: nn.Module,
+    blocks: Blocks,
+    k: int,
+    path: str | Path,
+    batch_size: int = 8,
+    meta: dict | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run the teacher once over ``blocks`` and store its top-k log-probs; returns the path.
+
+    Layout: ``logprobs`` fp16 (N, L, k) and ``ids`` int32 (N, L, k), position j of row i
+    being the teacher's distribution for predicting ``tokens[i, j + 1]``.
+    """
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    if k < 1 or k > teacher.config.vocab_size:
+        raise InvalidArgument(f"--top-k must be in 1..{teacher.config.vocab_size}, got {k}")
+    n, L = len(blocks), blocks.seq_len
+    logprobs = torch.empty((n, L, k), dtype=torch.float16)
+    ids = torch.empty((n, L, k), dtype=torch.int32)
+    teacher.eval()
+    for i in tqdm(
+        range(0, n, batch_size), desc="teacher top-k cache", unit="batch", disable=not progress
+    ):
+        tok = blocks.tokens[i : i + batch_size, :-1]
+        logp = torch.log_softmax(teacher(tok).float(), dim=-1)  # (b, L, V)
+        top = logp.topk(k, dim=-1)
+        logprobs[i : i + batch_size] = top.values.half()
+        ids[i : i + batch_size] = top.indices.int()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = {
+        "fingerprint": blocks.fingerprint(),
+        "k": str(k),
+        **{a: str(b) for a, b in (meta or {}).items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({"logprobs": logprobs, "ids": ids}, str(tmp), metadata=info)
+    os.replace(tmp, path)
+    return path
+
+
+def load_cache(
+    path: str | Path, blocks: Blocks, meta: dict | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(logprobs, ids) from a cache made for exactly these rows (and metadata), else None."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        info = f.metadata() or {}
+        if info.get("fingerprint") != blocks.fingerprint() or any(
+            info.get(a) != str(b) for a, b in (meta or {}).items()
+        ):
+            return None
+        return f.get_tensor("logprobs"), f.get_tensor("ids")
+
+
+class DistillObjective:
+    """Per-token ``w * KD + (1 - w) * CE`` against a live teacher or the top-k cache."""
+
+    def __init__(
+        self,
+        kind: str = "forward",
+        kd_weight: float = 0.5,
+        temperature: float = 1.0,
+        teacher: nn.Module | None = None,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
+        if kind not in LOSSES:
+            raise InvalidArgument(f"--loss must be one of {', '.join(LOSSES)}, got {kind!r}")
+        if not 0 <= kd_weight <= 1:
+            raise InvalidArgument(f"--kd-weight must be in [0, 1], got {kd_weight}")
+        if teacher is None and cache is None and kd_weight > 0:
+            raise InvalidArgument("distillation needs a teacher or a teacher cache")
+        self.kind, self.w, self.T, self.teacher, self.cache = (
+            kind,
+            kd_weight,
+            temperature,
+            teacher,
+            cache,
+        )
+
+    def __call__(self, network, inputs, targets, rows):
+        logits = network(inputs)  # (B, T, V)
+        ce = F.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), reduction="none"
+        ).view(targets.shape)
+        if self.w == 0:
+            return ce, {"ce": ce}
+        if self.cache is not None:
+            teacher = (self.cache[0][rows], self.cache[1][rows])
+        else:
+            with torch.no_grad():
+                teacher = self.teacher(inputs)
+        kd = kd_loss(logits, teacher, self.kind, self.T)
+        return self.w * kd + (1 - self.w) * ce, {"ce": ce, "kd": kd}
+
+
+# -- students -----------------------------------------------------------------------------
+def evenly_spaced(n_keep: int, n_layers: int) -> list[int]:
+    """``n_keep`` layer indices spread over 0..n_layers-1, first and last included."""
+    if not 1 <= n_keep <= n_layers:
+        raise InvalidArgument(f"cannot keep {n_keep} of {n_layers} layers")
+    if n_keep == 1:
+        return [0]
+    return sorted({round(i * (n_layers - 1) / (n_keep - 1)) for i in range(n_keep)})
+
+
+def parse_layers(spec: str, n_layers: int) -> list[int]:
+    """'from-teacher:10' (10 evenly spaced) or 'from-teacher:0,3,6' (those layers)."""
+    body = spec.split(":", 1)[1] if ":" in spec else ""
+    try:
+        if "," in body:
+            keep = sorted({int(x) for x in body.split(",") if x.strip()})
+            bad = [i for i in keep if not 0 <= i < n_layers]
+            if bad:
+                raise InvalidArgument(
+                    f"{spec}: layers {bad} do not exist; the teacher has layers 0..{n_layers - 1}"
+                )
+            return keep
+        return evenly_spaced(int(body), n_layers)
+    except ValueError:
+        raise InvalidArgument(
+            f"bad student spec {spec!r}; write from-teacher:N (N evenly spaced layers) or "
+            "from-teacher:0,3,6 (those layers)"
+        ) from None
+
+
+def student_from_teacher(teacher_model, layers: list[int]):
+    """A copy of the teacher keeping only ``layers`` (embeddings, final norm, head kept)."""
+    from pocketlm.api import Model, build_network
+    from pocketlm.model.card import Card
+
+    net = teacher_model.network
+    cfg = ModelConfig.from_dict({**net.config.to_dict(), "n_layers": len(layers)})
+    state = {}
+    for name, t in net.state_dict().items():
+        m = re.match(r"layers\.(\d+)\.(.*)", name)
+        if m is None:
+            state[name] = t.float().clone()
+        elif int(m.group(1)) in layers:
+            state[f"layers.{layers.index(int(m.group(1)))}.{m.group(2)}"] = t.float().clone()
+    student = build_network(cfg, state, torch.float32, source="from-teacher")
+    card = Card(
+        name=f"{teacher_model.card.name}-{len(layers)}L",
+        source=teacher_model.card.source,
+        license=teacher_model.card.license,
+        steps=list(teacher_model.card.steps),
+    )
+    card.add_step("init_from_teacher", layers=layers, teacher=teacher_model.card.name)
+    return Model(student, teacher_model.tokenizer, card)
+
+
+def parse_config_spec(spec: str, teacher_config: ModelConfig) -> ModelConfig:
+    """A preset name (nano, micro, mini) or 'layers=6,dim=384,heads=6[,kv_heads=2,hidden=1024]'."""
+    if spec in PRESETS:
+        layers, dim, heads, kv, hidden = PRESETS[spec]
+        values = {"layers": layers, "dim": dim, "heads": heads, "kv_heads": kv, "hidden": hidden}
+    else:
+        try:
+            values = {k.strip(): int(v) for k, v in (p.split("=") for p in spec.split(","))}
+        except ValueError:
+            raise InvalidArgument(
+                f"bad student spec {spec!r}; give a model path, from-teacher:N, a preset "
+                f"({', '.join(PRESETS)}) or layers=6,dim=384,heads=6[,kv_heads=2,hidden=1024]"
+            ) from None
+        unknown = set(values) - {"layers", "dim", "heads", "kv_heads", "hidden"}
+        if unknown or not {"layers", "dim", "heads"} <= set(values):
+            raise InvalidArgument(
+                f"student config {spec!r} needs layers, dim and heads (and may set kv_heads, "
+                f"hidden){'; unknown: ' + ', '.join(sorted(unknown)) if unknown else ''}"
+            )
+    if values["dim"] % values["heads"]:
+        raise InvalidArgument(f"dim {values['dim']} is not a multiple of heads {values['heads']}")
+    return ModelConfig(
+        vocab_size=teacher_config.vocab_size,
+        dim=values["dim"],
+        n_layers=values["layers"],
+        n_heads=values["heads"],
+        n_kv_heads=values.get("kv_heads", values["heads"]),
+        hidden_dim=values.get("hidden", 8 * values["dim"] // 3 // 64 * 64 or 64),
+        norm_eps=teacher_config.norm_eps,
+        rope_theta=teacher_config.rope_theta,
+        max_seq_len=teacher_config.max_seq_len,
+        tie_embeddings=True,
+        bos_token_id=teacher_config.bos_token_id,
+        eos_token_id=teacher_config.eos_token_id,
+    )
+
+
+def random_student(teacher_model, config: ModelConfig, seed: int = 0):
+    """A freshly initialised student (normal(0, 0.02) matrices) sharing the teacher's tokenizer."""
+    from pocketlm.api import Model
+    from pocketlm.model.card import Card
+    from pocketlm.model.transformer import Transformer
+
+    torch.manual_seed(seed)
+    net = Transformer(config)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.02)
+    card = Card(name=f"student-{config.n_layers}L-{config.dim}", source="random init")
+    card.add_step("init_random", config=config.to_dict(), seed=seed)
+    return Model(net.eval(), teacher_model.tokenizer, card)
+
+
+def make_student(spec: str, teacher_model, seed: int = 0):
+    """A student from SPEC: a model path/name, from-teacher:LAYERS, a preset or a config.
+
+    Raises TokenizerMismatch when a loaded student tokenizes differently from the teacher,
+    InvalidArgument for a bad spec.
+    """
+    if spec.startswith("from-teacher"):
+        return student_from_teacher(
+            teacher_model, parse_layers(spec, teacher_model.config.n_layers)
+        )
+    if spec in PRESETS or "=" in spec:
+        return random_student(teacher_model, parse_config_spec(spec, teacher_model.config), seed)
+    from pocketlm.api import load
+
+    student = load(spec)
+    check_tokenizers(teacher_model, student)
+    return student
+
+
+def check_tokenizers(teacher_model, student_model) -> None:
+    """Raise TokenizerMismatch unless both models map the same strings to the same ids."""
+    t, s = teacher_model.tokenizer, student_model.tokenizer
+    if tokenizer_digest(t) == tokenizer_digest(s) and (
+        teacher_model.config.vocab_size == student_model.config.vocab_size
+    ):
+        return
+    tv = t.backend.get_vocab(with_added_tokens=True)
+    sv = s.backend.get_vocab(with_added_tokens=True)
+    diff = next((tok for tok in sorted(tv, key=tv.get) if sv.get(tok) != tv[tok]), None)
+    example = (
+        f"; e.g. {diff!r} is id {tv[diff]} for the teacher and "
+        f"{sv.get(diff, 'absent')} for the student"
+        if diff is not None
+        else ""
+    )
+    raise TokenizerMismatch(
+        f"the teacher ({len(tv)} tokens, vocab_size {teacher_model.config.vocab_size}) and the "
+        f"student ({len(sv)} tokens, vocab_size {student_model.config.vocab_size}) use different "
+        f"tokenizers{example}. Distillation compares their next-token distributions id by id, "
+        "so they must share one: use --student from-teacher:N or a size preset/config, which "
+        "reuse the teacher's tokenizer"
+    )
