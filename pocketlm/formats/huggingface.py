@@ -71,6 +71,10 @@ def read_state_dict(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor
             ) from None
         for name, t in tensors.items():
             out[name.removeprefix("model.")] = t
+    if any(name.endswith(".bitmask") for name in out):  # pruned weights: values + bitmask
+        from pocketlm.compress.prune import bitmask_unpack
+
+        out = bitmask_unpack(out)
     if config.tie_embeddings:
         out["lm_head.weight"] = out.get("embed_tokens.weight")
     return out
