@@ -1,0 +1,372 @@
+"""Cross-check ``pocketlm eval`` against EleutherAI's lm-evaluation-harness on the same weights.
+
+    .venv/bin/python bench/evaluate.py [--limit 300] [--pages 8] [--skip-peer]
+
+Both sides read the same local files (lm-eval through task configs written to a temporary
+folder: its own prompt templates, HellaSwag preprocessing, WikiText detokenizer and metric
+code, only the dataset path is local), and score the same weights: the default model is
+saved with ``Model.save`` and lm-eval's transformers backend (HFLM, fp32, max_length = our
+context) loads that folder. The saved tokenizer.json carries the corrected pre-tokenizer
+(Digits + ByteLevel, see ../shared/golden/README.md), and the script checks that both
+tokenizers give the same ids on every prompt it compares.
+
+Writes bench/results/evaluate.json and a section of BENCHMARKS.md. lm-eval is bench-only
+(``pip install lm-eval``); nothing in pocketlm or its tests imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED, append_section, markdown_table, write_results
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DATA = SHARED / "data"
+MC_TASKS = ["hellaswag", "arc_easy", "piqa"]
+
+# SmolLM2-135M-Instruct's model card (https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct,
+# "Evaluation" -> "Instruction model" table; zero-shot, lighteval, bf16 original weights).
+PUBLISHED = {
+    "source": "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct (model card, "
+              "'Instruction model' table)",
+    "hellaswag": 40.9,
+    "arc_average": 37.3,
+    "piqa": 66.3,
+}
+
+# -- lm-eval task configs pointing at local files ----------------------------------------------
+UTILS = '''
+from lm_eval.tasks.hellaswag.utils import preprocess
+from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer, process_results
+
+
+def hellaswag_docs(dataset):
+    def one(doc):
+        return {"query": preprocess(doc["query"]),
+                "choices": [preprocess(e) for e in doc["endings"]],
+                "gold": int(doc["label"])}
+    return dataset.map(one)
+'''
+
+MC_METRICS = """metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_bytes
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_lm_eval_tasks(folder: Path, pages: list[str]) -> None:
+    """YAML task configs (lm-eval's own templates) over our local copies of the data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "local_utils.py").write_text(UTILS)
+    piqa = folder / "piqa.jsonl"
+    labels = (DATA / "piqa/valid-labels.lst").read_text().splitlines()
+    with open(piqa, "w") as f:
+        rows = (DATA / "piqa/valid.jsonl").read_text().splitlines()
+        f.writelines(json.dumps({**json.loads(line), "label": int(label)}) + "\n"
+                     for line, label in zip(rows, labels))
+    wiki = folder / "wikitext.jsonl"
+    with open(wiki, "w") as f:
+        f.writelines(json.dumps({"page": p}) + "\n" for p in pages)
+
+    def cfg(name, path, body):
+        (folder / f"{name}.yaml").write_text(
+            f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+            f"    test: {path}\ntest_split: test\n{body}")
+
+    cfg("local_hellaswag", DATA / "hellaswag/hellaswag_val.jsonl",
+        "output_type: multiple_choice\nprocess_docs: !function local_utils.hellaswag_docs\n"
+        'doc_to_text: "{{query}}"\ndoc_to_target: "{{gold}}"\ndoc_to_choice: "choices"\n'
+        + MC_METRICS)
+    cfg("local_arc_easy", DATA / "arc/arc_easy_test.jsonl",
+        'output_type: multiple_choice\ndoc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_target: "{{choices.label.index(answerKey)}}"\n'
+        'doc_to_choice: "{{choices.text}}"\n' + MC_METRICS)
+    cfg("local_piqa", piqa,
+        'output_type: multiple_choice\ndoc_to_text: "Question: {{goal}}\\nAnswer:"\n'
+        'doc_to_target: label\ndoc_to_choice: "{{[sol1, sol2]}}"\n' + MC_METRICS)
+    cfg("local_wikitext2", wiki,
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\n'
+        "doc_to_target: !function local_utils.wikitext_detokenizer\n"
+        "process_results: !function local_utils.process_results\n"
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n"
+        "  - metric: bits_per_byte\n")
+
+
+def make_hflm(model_dir: Path, context: int, batch_size: int):
+    import torch
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(model_dir), dtype=torch.float32, device="cpu",
+                batch_size=batch_size, max_length=context)
+
+
+def run_lm_eval_task(lm, task_dir: Path, task: str, limit: int | None) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    t0 = time.perf_counter()
+    tm = TaskManager(include_path=str(task_dir))
+    r = simple_evaluate(model=lm, tasks=[task], task_manager=tm, limit=limit, log_samples=True,
+                        bootstrap_iters=0)
+    return {"results": {k: v for k, v in r["results"][task].items() if isinstance(v, (int, float))},
+            "samples": [s["resps"] for s in r["samples"][task]],
+            "seconds": time.perf_counter() - t0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--limit", type=int, default=300, help="first N items of each MC task")
+    ap.add_argument("--pages", type=int, default=8, help="first N WikiText-2 test pages")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--skip-peer", action="store_true", help="ours only (no lm-eval)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads for both sides (1: the CPU here is shared, and one "
+                         "thread is several times faster than two under contention)")
+    ap.add_argument("--work", default="/tmp/pocketlm-eval-bench",
+                    help="folder for the saved model, lm-eval task configs and finished stages")
+    ap.add_argument("--order", default="arc_easy,wikitext2,hellaswag,piqa",
+                    help="task order (each finished task is kept if the run is stopped)")
+    ap.add_argument("--timing-items", type=int, default=500,
+                    help="time a HellaSwag run of this many items, ours only (0 = skip)")
+    ap.add_argument("--skip-challenge", action="store_true",
+                    help="do not run ARC-Challenge (ours only, for the published ARC average)")
+    ap.add_argument("--finish-now", action="store_true",
+                    help="write results from the stages finished so far, run nothing new")
+    ap.add_argument("--no-write", action="store_true", help="print only (smoke test)")
+    a = ap.parse_args()
+
+    import torch
+
+    import pocketlm
+    from pocketlm.evaluate.perplexity import wikitext_pages
+    from pocketlm.evaluate.run import evaluate
+
+    model = pocketlm.load("smollm2-135m-instruct", threads=a.threads)
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    pages = wikitext_pages((DATA / "wikitext-2-raw/wiki.test.raw").read_text())[: a.pages]
+
+    # Each stage (one task, one side) is saved as it finishes, so a run that is stopped keeps
+    # what it measured and a re-run with the same --work folder continues.
+    stage_file = work / f"stages-{a.limit}-{a.pages}-{a.context}.json"
+    stages = json.loads(stage_file.read_text()) if stage_file.is_file() else {}
+
+    def save_stages():
+        tmp = stage_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stages))
+        os.replace(tmp, stage_file)
+
+    lm = None
+    order = a.order.split(",")
+    for t in order if not a.finish_now else []:
+        limit = a.pages if t == "wikitext2" else a.limit
+        if f"ours:{t}" not in stages:
+            r = evaluate(model, t, limit=limit, context=a.context, use_cache=False,
+                         details=True, record=False)
+            stages[f"ours:{t}"] = {"tasks": r["tasks"][t], "items": r["items"][t]}
+            save_stages()
+        if a.skip_peer or f"peer:{t}" in stages:
+            continue
+        if lm is None:
+            model_dir = work / "model"
+            if not (model_dir / "config.json").is_file():
+                model.save(model_dir)
+            write_lm_eval_tasks(work / "tasks", pages)
+            lm = make_hflm(model_dir, a.context, 8)
+        stages[f"peer:{t}"] = run_lm_eval_task(lm, work / "tasks", f"local_{t}",
+                                               None if t == "wikitext2" else a.limit)
+        stages["peer_version"] = __import__("lm_eval").__version__
+        if t != "wikitext2":  # same token ids on both sides for every context?
+            from pocketlm.evaluate.tasks import load_task
+
+            items = load_task(t).items[: a.limit]
+            stages[f"tok:{t}"] = [sum(model.encode(i.context) != lm.tok_encode(i.context)
+                                      for i in items), len(items)]
+        save_stages()
+    if "ours:arc_challenge" not in stages and not a.skip_challenge:
+        r = evaluate(model, "arc_challenge", limit=a.limit, context=a.context, use_cache=False,
+                     record=False)
+        stages["ours:arc_challenge"] = {"tasks": r["tasks"]["arc_challenge"]}
+        save_stages()
+
+    if a.timing_items and f"timing:hellaswag:{a.timing_items}" not in stages and not a.finish_now:
+        t0 = time.perf_counter()
+        r = evaluate(model, "hellaswag", limit=a.timing_items, context=a.context,
+                     use_cache=False, record=False)
+        stages[f"timing:hellaswag:{a.timing_items}"] = {
+            "items": a.timing_items, "seconds": time.perf_counter() - t0,
+            "acc": r["tasks"]["hellaswag"]["acc"], "acc_norm": r["tasks"]["hellaswag"]["acc_norm"],
+            "acc_norm_stderr": r["tasks"]["hellaswag"]["acc_norm_stderr"]}
+        save_stages()
+    if "energy" not in stages:
+        from pocketlm.evaluate.energy import measure_generation
+
+        stages["energy"] = measure_generation(model.network, new_tokens=64)
+        save_stages()
+
+    ours = {"tasks": {t: stages[f"ours:{t}"]["tasks"] for t in order if f"ours:{t}" in stages},
+            "items": {t: stages[f"ours:{t}"]["items"] for t in order if f"ours:{t}" in stages}}
+    peer = {f"local_{t}": stages[f"peer:{t}"] for t in order if f"peer:{t}" in stages}
+    figures: dict = {"model": "smollm2-135m-instruct (Q4_1 GGUF dequantized to fp32)",
+                     "limit_items": a.limit, "wikitext_pages": len(pages),
+                     "context_tokens": a.context, "threads": torch.get_num_threads(),
+                     "tasks": {}}
+    if peer:
+        figures["peer"] = (f"lm-evaluation-harness {stages.get('peer_version')} (HFLM, "
+                           "transformers, fp32, same saved weights)")
+        figures["peer_seconds"] = {k: v["seconds"] for k, v in peer.items()}
+        toks = [stages[k] for k in stages if k.startswith("tok:")]
+        figures["tokenizer_mismatched_contexts"] = sum(x[0] for x in toks)
+        figures["tokenizer_compared_contexts"] = sum(x[1] for x in toks)
+    missing = [t for t in order if f"ours:{t}" not in stages or (not a.skip_peer and
+                                                                  f"local_{t}" not in peer)]
+    if missing:
+        figures["not_completed"] = missing
+    MC = [t for t in MC_TASKS if t in ours["tasks"]]
+
+    rows = []
+    for t in MC:
+        m = ours["tasks"][t]
+        entry = {k: m[k] for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr",
+                                   "acc_bytes", "n", "seconds")}
+        p = peer.get(f"local_{t}")
+        if p:
+            entry["peer"] = {k: p["results"][f"{k},none"] for k in ("acc", "acc_norm", "acc_bytes")}
+            ours_ll = [r["ll"] for r in ours["items"][t]]
+            peer_ll = [[float(x[0][0]) for x in s] for s in p["samples"]]
+            diffs = [abs(a_ - b_) for o, q in zip(ours_ll, peer_ll) for a_, b_ in zip(o, q)]
+            entry["max_abs_loglikelihood_diff"] = max(diffs)
+            entry["mean_abs_loglikelihood_diff"] = sum(diffs) / len(diffs)
+            entry["items_with_different_prediction"] = sum(
+                max(range(len(o)), key=o.__getitem__) != max(range(len(q)), key=q.__getitem__)
+                for o, q in zip(ours_ll, peer_ll))
+            for k in ("acc", "acc_norm", "acc_bytes"):
+                entry[f"{k}_diff_points"] = 100 * (entry[k] - entry["peer"][k])
+        figures["tasks"][t] = entry
+        rows.append([t, 100 * m["acc"], 100 * m["acc_norm"],
+                     100 * entry["peer"]["acc"] if p else "-",
+                     100 * entry["peer"]["acc_norm"] if p else "-",
+                     (f"{entry.get('acc_diff_points', float('nan')):+.2f} / "
+                      f"{entry.get('acc_norm_diff_points', float('nan')):+.2f}")])
+    wiki_rows = []
+    if "wikitext2" in ours["tasks"]:
+        w = ours["tasks"]["wikitext2"]
+        wentry = {k: w[k] for k in ("word_perplexity", "byte_perplexity", "bits_per_byte",
+                                    "token_perplexity", "tokens", "words", "pages", "seconds")}
+        wentry["tokens_per_s"] = w["tokens"] / w["seconds"]
+        pw = peer.get("local_wikitext2")
+        if pw:
+            pr = pw["results"]
+            wentry["peer"] = {k: pr[f"{k},none"] for k in ("word_perplexity", "byte_perplexity",
+                                                           "bits_per_byte")}
+            wentry["word_perplexity_diff_percent"] = 100 * (
+                w["word_perplexity"] / wentry["peer"]["word_perplexity"] - 1)
+            wiki_rows = [
+                ["word perplexity", w["word_perplexity"], wentry["peer"]["word_perplexity"],
+                 f"{wentry['word_perplexity_diff_percent']:+.4f}"],
+                ["bits per byte", w["bits_per_byte"], wentry["peer"]["bits_per_byte"],
+                 f"{100 * (w['bits_per_byte'] / wentry['peer']['bits_per_byte'] - 1):+.4f}"]]
+        figures["tasks"]["wikitext2"] = wentry
+
+    # Published zero-shot scores beside ours. ARC (Average) needs ARC-Challenge too.
+    published_rows, comparison = [], {}
+    chal = stages.get("ours:arc_challenge", {}).get("tasks")
+    if chal:
+        figures["tasks"]["arc_challenge"] = {k: chal[k] for k in (
+            "acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n", "seconds")}
+    cands = []
+    if "hellaswag" in ours["tasks"]:
+        hs = ours["tasks"]["hellaswag"]
+        timing = stages.get(f"timing:hellaswag:{a.timing_items}")
+        if timing:  # more items, a smaller standard error
+            hs = {**timing, "n": timing["items"]}
+        cands.append(("HellaSwag", PUBLISHED["hellaswag"], hs["acc"], hs["acc_norm"], hs["n"]))
+    if "arc_easy" in ours["tasks"] and chal:
+        ez = ours["tasks"]["arc_easy"]
+        cands.append(("ARC (mean of Easy and Challenge)", PUBLISHED["arc_average"],
+                      (ez["acc"] + chal["acc"]) / 2, (ez["acc_norm"] + chal["acc_norm"]) / 2,
+                      ez["n"]))
+    if "piqa" in ours["tasks"]:
+        pq = ours["tasks"]["piqa"]
+        cands.append(("PIQA", PUBLISHED["piqa"], pq["acc"], pq["acc_norm"], pq["n"]))
+    for name, pub, m_acc, m_norm, n in cands:
+        comparison[name] = {"published_percent": pub, "ours_acc_percent": 100 * m_acc,
+                            "ours_acc_norm_percent": 100 * m_norm, "items": n,
+                            "acc_norm_minus_published_points": 100 * m_norm - pub}
+        published_rows.append([name, pub, 100 * m_acc, 100 * m_norm,
+                               f"{100 * m_norm - pub:+.1f}", n])
+    figures["published"] = {**PUBLISHED, "comparison": comparison}
+    figures["energy_decode_batch1"] = stages["energy"]
+    timing = stages.get(f"timing:hellaswag:{a.timing_items}")
+    if timing:
+        figures["hellaswag_timing"] = timing
+    if "hellaswag" in ours["tasks"]:
+        hs_s = ours["tasks"]["hellaswag"]["seconds"]
+        figures["hellaswag_seconds_per_item"] = hs_s / ours["tasks"]["hellaswag"]["n"]
+        figures["hellaswag_500_items_estimated_s"] = 500 * figures["hellaswag_seconds_per_item"]
+    print(json.dumps(figures, indent=2))
+    if a.no_write:
+        return
+    write_results("evaluate", figures)
+
+    body = [(f"Default model (Q4_1 GGUF, fp32 compute), first {a.limit} items of each task "
+            f"(WikiText-2: first {len(pages)} test pages), context {a.context}, "
+            f"{torch.get_num_threads()} thread(s); peer: {figures.get('peer', 'not run')}, "
+            "reading the same local files through task configs that use its own templates, "
+            "preprocessing and metric code.\n"),
+            markdown_table(["task", "ours acc %", "ours acc_norm %", "lm-eval acc %",
+                            "lm-eval acc_norm %", "diff (points) acc / acc_norm"], rows)]
+    if missing:
+        body.append(f"\nNot completed in this run: {', '.join(missing)}.")
+    if wiki_rows:
+        body.append("\n" + markdown_table(["WikiText-2", "ours", "lm-eval", "diff %"], wiki_rows))
+    if published_rows:
+        body.append("\n" + markdown_table(
+            ["vs published (model card)", "published %", "ours acc %", "ours acc_norm %",
+             "acc_norm - published", "items"], published_rows))
+        body.append(
+            "\nSource: " + PUBLISHED["source"] + ". Why they differ: the card's figures are "
+            "lighteval runs of the original bf16 weights on the full sets; ours use the Q4_1 GGUF "
+            "(4-bit weights, dequantized) on the first items only (standard error about 2.5-3 "
+            "points at 300 items), our HellaSwag copy lacks lm-eval's ctx_b capitalisation, and "
+            "lighteval's prompts and length normalisation differ from lm-eval's.")
+    if "hellaswag" in ours["tasks"]:
+        n = ours["tasks"]["hellaswag"]["n"]
+        body.append(
+            f"\nHellaSwag speed: {n} items in {hs_s:.0f} s ({hs_s / n:.2f} s/item, about "
+            f"{500 * hs_s / n / 60:.0f} min per 500 items at this load) on "
+            f"{torch.get_num_threads()} thread(s) of a CPU shared with other jobs; lm-eval took "
+            f"{figures.get('peer_seconds', {}).get('local_hellaswag', float('nan')):.0f} s for the "
+            "same items.")
+    if timing:
+        body.append(f"\nHellaSwag, {timing['items']} items (one run, `evaluate(..., limit="
+                    f"{timing['items']})`): {timing['seconds']:.0f} s = "
+                    f"{timing['seconds'] / 60:.1f} min ({timing['seconds'] / timing['items']:.2f} "
+                    f"s/item); acc_norm {100 * timing['acc_norm']:.1f} ± "
+                    f"{100 * timing['acc_norm_stderr']:.1f} %.")
+    e = stages["energy"]
+    body.append(f"\nEnergy, decode at batch 1 ({e['tokens']} tokens): "
+                f"{e['joules_per_token']:.3f} J/token, "
+                f"{e['g_co2_per_1k_tokens']:.3f} g CO2 per 1,000 tokens at "
+                f"{e['grid_g_co2_per_kwh']:.0f} g/kWh; method: {e['method']}.")
+    append_section("Evaluation vs lm-evaluation-harness", "\n".join(body))
+
+
+if __name__ == "__main__":
+    main()
