@@ -1,0 +1,247 @@
+"""Quantizing the default model: WikiText-2 quality, file size and decode speed of every method.
+
+    .venv/bin/python bench/compress.py [--pages 3] [--context 1024 --stride 512]
+                                       [--samples 32 --seq-len 512] [--threads 1] [--resume]
+
+Reference: the default model (SmolLM2-135M-Instruct, from its Q4_1 GGUF) dequantized to fp32.
+Each configuration is quantized, saved, *loaded back from the folder* (what a user runs), and
+measured:
+- quality: WikiText-2 raw *test* perplexity from ``pocketlm.evaluate`` (lm-eval's pages and
+  metrics) over the first ``--pages`` pages, rolling windows of ``--context`` tokens with
+  ``--stride``; calibration (GPTQ/AWQ): ``--samples`` seeded windows of ``--seq-len`` tokens
+  from the *validation* split;
+- size: model.safetensors bytes, and its ratio to fp32 (4 bytes x parameters);
+- speed: decode tokens/s at batch 1 (``pocketlm.engine.bench.time_decode``), alternating
+  fp32 and the quantized model A B A B, medians; the kernel in use ("avx2", or "fallback" =
+  dequantize then matmul) is named.
+Peer (when .peer/build exists): llama.cpp's ``llama-quantize --allow-requantize`` from the same
+GGUF to Q8_0 and Q4_0 (and F16 as its reference), ``llama-perplexity`` on the same pages'
+text (its own windows: chunks of --context, second half scored), ``llama-bench`` decode.
+
+Figures go under "quantize" in bench/results/compress.json after every configuration, so
+``--resume`` continues after an interruption.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import REPO, RESULTS, SHARED, append_section, markdown_table, write_results
+
+import pocketlm
+from pocketlm.compress import quantize
+from pocketlm.compress.qlinear import backend
+from pocketlm.engine.bench import time_decode
+
+PEER_BIN = REPO / ".peer" / "build" / "bin"
+TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+CONFIGS = {  # name -> quantize() settings
+    "int8_rtn": {"method": "rtn", "bits": 8, "group_size": 0},
+    "int4_rtn_g128": {"method": "rtn", "bits": 4, "group_size": 128},
+    "int4_gptq_g128": {"method": "gptq", "bits": 4, "group_size": 128},
+    "int4_awq_g128": {"method": "awq", "bits": 4, "group_size": 128},
+    "int3_rtn_g128": {"method": "rtn", "bits": 3, "group_size": 128},
+    "int3_gptq_g128": {"method": "gptq", "bits": 3, "group_size": 128},
+    "int4_rtn_g128_asym": {"method": "rtn", "bits": 4, "group_size": 128, "sym": False},
+    "int4_gptq_g128_asym_actorder": {"method": "gptq", "bits": 4, "group_size": 128,
+                                     "sym": False, "act_order": True},
+}
+
+
+def load_results() -> dict:
+    path = RESULTS / "compress.json"
+    return json.loads(path.read_text()).get("quantize", {}) if path.is_file() else {}
+
+
+def save_results(figures: dict) -> None:
+    """Read-modify-write: only the "quantize" key is ours; "prune" belongs to pruning."""
+    path = RESULTS / "compress.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.pop("machine", None)
+    data["quantize"] = figures
+    write_results("compress", data)
+
+
+def perplexity(model, a) -> dict:
+    from pocketlm.evaluate.run import evaluate
+
+    t0 = time.perf_counter()
+    r = evaluate(model, "wikitext2", limit=a.pages, context=a.context, stride=a.stride,
+                 use_cache=False, record=False, progress=True)["tasks"]["wikitext2"]
+    return {"word_perplexity": r["word_perplexity"], "token_perplexity": r["token_perplexity"],
+            "tokens_scored": r["tokens"], "eval_s": time.perf_counter() - t0}
+
+
+def decode_ab(networks: dict, tokens: int, rounds: int) -> dict:
+    times = {k: [] for k in networks}
+    for _ in range(rounds):
+        for k, net in networks.items():
+            times[k].append(time_decode(net, new_tokens=tokens))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def measure(ref, name: str, settings: dict, a) -> dict:
+    ids = ref.encode("The history of the city begins in the year 1200, when")
+    t0 = time.perf_counter()
+    extra = {"samples": a.samples, "seq_len": a.seq_len} if settings["method"] != "rtn" else {}
+    q = quantize(ref, **settings, **extra)
+    seconds = time.perf_counter() - t0
+    before = q.logits(ids)
+    with tempfile.TemporaryDirectory() as d:
+        q.save(d)
+        size = os.path.getsize(Path(d) / "model.safetensors")
+        del q
+        loaded = pocketlm.load(d, threads=a.threads)
+    identical = bool(torch.equal(loaded.logits(ids), before))
+    row = {**settings, "quantize_s": seconds, "file_bytes": size,
+           "file_ratio_to_fp32": size / (4 * ref.config.n_params),
+           "logits_bit_identical_after_load": identical, "kernel": backend()}
+    row.update(perplexity(loaded, a))
+    d = decode_ab({"fp32": ref.network, name: loaded.network}, a.decode_tokens, a.rounds)
+    row["decode_tokens_per_s"] = 1 / d[name]
+    row["fp32_decode_tokens_per_s_same_run"] = 1 / d["fp32"]
+    row["decode_speedup_vs_fp32"] = d["fp32"] / d[name]
+    return row
+
+
+# -- llama.cpp ----------------------------------------------------------------------------------
+def page_text(a) -> str:
+    from pocketlm.evaluate.perplexity import wikitext_detokenizer, wikitext_pages
+
+    pages = wikitext_pages(TEST.read_text(encoding="utf-8"))[: a.pages]
+    return "\n\n".join(wikitext_detokenizer(p) for p in pages)
+
+
+def llama_cpp(a) -> dict:
+    quant, ppl, bench = (PEER_BIN / n for n in ("llama-quantize", "llama-perplexity", "llama-bench"))
+    if not (quant.exists() and ppl.exists() and bench.exists()):
+        print("llama.cpp not built (.peer/build); skipping the peer", file=sys.stderr)
+        return {}
+    from pocketlm.api import resolve
+
+    src = resolve("smollm2-135m-instruct")
+    text = REPO / ".peer" / f"wikitext2-test-first{a.pages}pages.txt"
+    text.write_text(page_text(a))
+    out = {"text_file": str(text), "context": a.context}
+    for qtype in ["SOURCE_Q4_1", "F16", "Q8_0", "Q4_0"]:
+        f = src if qtype == "SOURCE_Q4_1" else REPO / ".peer" / f"smollm2-135m-{qtype}.gguf"
+        if not f.exists():
+            subprocess.run([str(quant), "--allow-requantize", str(src), str(f), qtype],
+                           check=True, capture_output=True)
+        r = subprocess.run([str(ppl), "-m", str(f), "-f", str(text), "-c", str(a.context),
+                            "-t", str(a.threads)], capture_output=True, text=True, check=False)
+        m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
+        row = {"file_bytes": os.path.getsize(f),
+               "token_perplexity": float(m.group(1)) if m else None}
+        if qtype != "SOURCE_Q4_1":
+            b = subprocess.run([str(bench), "-m", str(f), "-t", str(a.threads), "-p", "0", "-n",
+                                str(a.decode_tokens), "-r", str(a.rounds), "-o", "json"],
+                               capture_output=True, text=True, check=False)
+            try:
+                row["decode_tokens_per_s"] = json.loads(b.stdout)[0]["avg_ts"]
+            except (json.JSONDecodeError, IndexError, KeyError):
+                row["decode_tokens_per_s"] = None
+        out[qtype] = row
+    return out
+
+
+def report(fig: dict) -> str:
+    ref = fig.get("fp32", {})
+    rows = []
+    for name, r in fig.items():
+        if name in ("fp32", "settings", "llama_cpp") or "word_perplexity" not in r:
+            continue
+        rows.append([name, r["token_perplexity"], r["word_perplexity"],
+                     f"{100 * (r['token_perplexity'] / ref['token_perplexity'] - 1):+.2f}%",
+                     f"{r['file_bytes'] / 1e6:.1f} MB ({100 * r['file_ratio_to_fp32']:.1f}%)",
+                     f"{r['decode_tokens_per_s']:.1f} vs {r['fp32_decode_tokens_per_s_same_run']:.1f}",
+                     f"{r['decode_speedup_vs_fp32']:.2f}x", r["kernel"],
+                     "yes" if r["logits_bit_identical_after_load"] else "NO"])
+    head = ["config", "token ppl", "word ppl", "ppl vs fp32", "file (of fp32)",
+            "decode tok/s (vs fp32, same run)", "speedup", "kernel", "load bit-identical"]
+    table = markdown_table(head, [["fp32", ref.get("token_perplexity", math.nan),
+                                   ref.get("word_perplexity", math.nan), "", "", "", "", "", ""]]
+                           + rows)
+    peer = fig.get("llama_cpp") or {}
+    if peer:
+        base = peer.get("F16", {}).get("token_perplexity")
+        prow = []
+        for q in ("SOURCE_Q4_1", "F16", "Q8_0", "Q4_0"):
+            r = peer.get(q, {})
+            p = r.get("token_perplexity")
+            prow.append([q, p, f"{100 * (p / base - 1):+.2f}%" if p and base else "",
+                         f"{r.get('file_bytes', 0) / 1e6:.1f} MB", r.get("decode_tokens_per_s")])
+        table += ("\n\nllama.cpp (same text, its own windows: chunks of the context, second half "
+                  "scored; so compare the change vs its F16, not the absolute value):\n\n"
+                  + markdown_table(["llama.cpp", "token ppl", "vs F16", "file",
+                                    "decode tok/s (llama-bench)"], prow))
+    return table
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--pages", type=int, default=3, help="WikiText-2 test pages scored (3)")
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--stride", type=int, default=512)
+    ap.add_argument("--samples", type=int, default=32, help="calibration windows (32)")
+    ap.add_argument("--seq-len", type=int, default=512, help="calibration window tokens (512)")
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for everything, ours and llama.cpp (1: the machine is shared)")
+    ap.add_argument("--only", default="", help="comma-separated configs (default: all)")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--resume", action="store_true", help="keep figures already in compress.json")
+    ap.add_argument("--no-section", action="store_true", help="do not append to BENCHMARKS.md")
+    a = ap.parse_args()
+
+    fig = load_results() if a.resume else {}
+    fig["settings"] = {"pages": a.pages, "context": a.context, "stride": a.stride,
+                       "calibration_samples": a.samples, "calibration_seq_len": a.seq_len,
+                       "decode_tokens": a.decode_tokens, "rounds": a.rounds,
+                       "threads": a.threads, "reference": "smollm2-135m-instruct fp32"}
+    ref = pocketlm.load("smollm2-135m-instruct", threads=a.threads)
+    if "fp32" not in fig:
+        fig["fp32"] = {"file_bytes_fp32": 4 * ref.config.n_params, **perplexity(ref, a)}
+        save_results(fig)
+    names = [n for n in (a.only.split(",") if a.only else CONFIGS) if n]
+    for name in names:
+        if name in fig and a.resume:
+            continue
+        print(f"== {name}", flush=True)
+        fig[name] = measure(ref, name, CONFIGS[name], a)
+        print(json.dumps(fig[name], indent=1), flush=True)
+        save_results(fig)
+    if not a.no_peer and "llama_cpp" not in fig:
+        fig["llama_cpp"] = llama_cpp(a)
+        save_results(fig)
+    table = report(fig)
+    print(table)
+    if a.no_section:
+        return
+    s = fig["settings"]
+    append_section(
+        "Quantization (bench/compress.py)",
+        f"WikiText-2 test, first {s['pages']} pages, rolling windows context {s['context']} / "
+        f"stride {s['stride']} (pocketlm.evaluate); calibration {s['calibration_samples']} x "
+        f"{s['calibration_seq_len']} tokens of the validation split; decode batch 1, "
+        f"{s['decode_tokens']} tokens, {s['rounds']} rounds A B A B vs fp32, medians, "
+        f"{s['threads']} thread(s). Every quantized model is measured after save + load.\n\n"
+        + table)
+
+
+if __name__ == "__main__":
+    main()

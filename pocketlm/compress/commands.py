@@ -1,0 +1,81 @@
+"""``pocketlm quantize``: weight-only quantization (RTN, GPTQ, AWQ) to a packed model folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EPILOG = """examples:
+  pocketlm quantize smollm2-135m-instruct --method rtn --bits 8 -o smollm2-int8
+  pocketlm quantize smollm2-135m-instruct --method gptq --bits 4 --group-size 128 -o smollm2-int4
+  pocketlm quantize smollm2-135m-instruct --method awq --bits 4 --calibration my_domain.txt -o out
+
+Supported: rtn 8/4/3 bits, gptq 8/4/3 bits, awq 4/3 bits; group sizes 32, 64, 128, 256 or 0
+(one scale per output channel; the default for 8 bits, 128 otherwise). The embedding and
+output projection are stored int8 per row unless kept in float with --keep.
+The output folder loads anywhere a model is accepted (pocketlm run OUT ...)."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "quantize", help="quantize a model's weights (rtn, gptq, awq) to a packed folder",
+        description="Weight-only quantization to int8/int4/int3 with packed storage; the "
+                    "result computes from the packed weights with CPU kernels.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="model name, .gguf file or (float) model folder")
+    p.add_argument("-o", "--output", required=True, help="folder to write the quantized model to")
+    p.add_argument("--method", choices=["rtn", "gptq", "awq"], default="rtn",
+                   help="rtn: round to nearest; gptq: error-compensating, needs calibration "
+                        "text; awq: activation-aware scaling, needs calibration text (rtn)")
+    p.add_argument("--bits", type=int, choices=[8, 4, 3], default=8, help="bits per weight (8)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="input columns sharing one scale: 32, 64, 128, 256, or 0 for one per "
+                        "output channel (default: 0 for 8 bits, 128 otherwise)")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True,
+                     help="symmetric grid, zero point fixed (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false",
+                     help="asymmetric grid: a stored zero point per group")
+    p.add_argument("--keep", default="",
+                   help="comma-separated parts to keep in float: embeddings,lm_head")
+    g = p.add_argument_group("calibration (gptq, awq)")
+    g.add_argument("--calibration", default=None,
+                   help="plain-text file (default: WikiText-2 validation split in ../shared/data)")
+    g.add_argument("--samples", type=int, default=64, help="calibration windows (64)")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per window (512)")
+    g.add_argument("--seed", type=int, default=0, help="seed for picking the windows (0)")
+    g.add_argument("--act-order", action="store_true",
+                   help="gptq: quantize the most active input columns first")
+    g.add_argument("--damp", type=float, default=0.01,
+                   help="gptq: Hessian damping, as a fraction of its mean diagonal (0.01)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: $POCKETLM_THREADS or all cores)")
+    p.set_defaults(func=cmd_quantize)
+
+
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from pocketlm.api import load
+    from pocketlm.compress.qlinear import backend
+    from pocketlm.compress.quantize import check_settings, quantize
+
+    keep = tuple(k.strip() for k in a.keep.split(",") if k.strip())
+    group = a.group_size if a.group_size is not None else (0 if a.bits == 8 else 128)
+    check_settings(a.method, a.bits, group, keep)  # fail before the slow load
+    out = Path(a.output)
+    model = load(a.model, threads=a.threads)
+    checkpoint = out.parent / (out.name + ".partial")
+    try:
+        q = quantize(model, a.method, a.bits, group, a.sym, keep, a.calibration, a.samples,
+                     a.seq_len, a.seed, a.act_order, a.damp, checkpoint_dir=str(checkpoint))
+    except KeyboardInterrupt:
+        if checkpoint.is_dir():
+            print(f"finished layers are saved in {checkpoint}; run the same command again to "
+                  "resume from there", file=sys.stderr)
+        raise
+    q.save(out)
+    size = (out / "model.safetensors").stat().st_size
+    fp32 = model.config.n_params * 4
+    print(f"wrote {out}: model.safetensors {size / 1e6:.1f} MB = {100 * size / fp32:.1f}% of "
+          f"fp32 ({fp32 / 1e6:.0f} MB); kernel: {backend()}")

@@ -1,0 +1,59 @@
+"""The AVX2/FMA quantized matrix-vector kernel, compiled on first use with the machine's g++.
+
+``build()`` JIT-compiles ``qgemv.cpp`` through ``torch.utils.cpp_extension.load`` into
+``$POCKETLM_HOME/kernels`` (default ``~/.cache/pocketlm/kernels``) with -O3 -mavx2 -mfma
+-mf16c -fopenmp; later processes reuse the cached build. It returns None (and callers use the
+pure-PyTorch fallback) when the CPU lacks AVX2/FMA/F16C, when POCKETLM_NO_KERNEL=1, or when
+compilation fails; the reason is logged once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("qgemv.cpp")
+
+
+def _cpu_ok() -> bool:
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("flags")
+        ).split()
+    except (OSError, StopIteration):
+        return False
+    return all(f in flags for f in ("avx2", "fma", "f16c"))
+
+
+def build_dir() -> Path:
+    home = Path(os.environ.get("POCKETLM_HOME", Path.home() / ".cache" / "pocketlm"))
+    return home / "kernels"
+
+
+def build():
+    """The compiled extension module (functions ``qgemv`` and ``dequantize``), or None."""
+    if os.environ.get("POCKETLM_NO_KERNEL"):
+        return None
+    if not _cpu_ok():
+        log.warning("this CPU lacks AVX2/FMA/F16C: quantized layers use the slow fallback")
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        d = build_dir()
+        d.mkdir(parents=True, exist_ok=True)
+        return load(
+            name="pocketlm_qgemv",
+            sources=[str(SOURCE)],
+            build_directory=str(d),
+            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as e:  # noqa: BLE001 - compiler missing, headers missing, ...: fall back, loudly
+        log.warning("could not build the quantized kernel (%s: %s); using the slow fallback "
+                    "(dequantize, then matmul)", type(e).__name__, str(e).splitlines()[0][:200])
+        return None

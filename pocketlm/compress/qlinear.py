@@ -1,0 +1,317 @@
+"""Quantized Linear and Embedding modules that compute from packed weights, and the module swap.
+
+A quantized weight (N outputs, K inputs) is stored as unsigned codes q in [0, 2^bits) with one
+fp16 scale s and one zero point z per (row, group of ``group_size`` input columns):
+w = (q - z) * s. Rows are padded to ``Kp`` (a multiple of 32) with codes equal to the zero
+point, so padded columns dequantize to exactly 0. On disk (model.safetensors), per module:
+
+- ``NAME.qweight`` uint8: bits 8 -> (N, Kp), one code a byte; bits 4 -> (N, Kp/2), two codes a
+  byte in blocks of 32 columns (byte i: column i low nibble, column 16+i high nibble);
+  bits 3 -> (N, 3*Kp/8), eight codes in three bytes (little-endian 3-bit fields).
+- ``NAME.scales`` fp16 (N, G), G = ceil(Kp / group_size);
+- ``NAME.zeros`` uint8 (N, G), asymmetric only (symmetric zero point is 2^(bits-1)).
+
+Decode-sized inputs (at most ``GEMV_MAX_ROWS`` rows) go through the AVX2 kernel in
+``kernels/qgemv.cpp``, which widens codes in registers; longer inputs (prefill) dequantize the
+weight once and use a float matmul. Without the compiled kernel every path is the pure-PyTorch
+*fallback*: dequantize, then matmul. 3-bit codes are unpacked to one byte per code at load and
+use the 8-bit kernel (the file stays 3-bit).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketlm.errors import FormatError
+
+log = logging.getLogger(__name__)
+
+GEMV_MAX_ROWS = 8  # inputs with more rows than this dequantize once and use a float matmul
+FORMAT = "pocketlm-packed-v1"
+
+
+def padded_width(k: int) -> int:
+    return -(-k // 32) * 32
+
+
+# -- packing ---------------------------------------------------------------------------------
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (N, Kp) uint8 with Kp a multiple of 32 -> the stored ``qweight`` for ``bits``."""
+    codes = codes.to(torch.uint8)
+    n, kp = codes.shape
+    if kp % 32:
+        raise ValueError(f"pack: width {kp} is not a multiple of 32")
+    if bits == 8:
+        return codes.contiguous()
+    if bits == 4:
+        blocks = codes.view(n, kp // 32, 2, 16)  # (N, blocks, lo/hi half, 16)
+        return (blocks[:, :, 0] | (blocks[:, :, 1] << 4)).reshape(n, kp // 2).contiguous()
+    if bits == 3:
+        v = codes.view(n, kp // 8, 8).to(torch.int32)
+        word = torch.zeros(n, kp // 8, dtype=torch.int32)
+        for j in range(8):
+            word |= v[:, :, j] << (3 * j)  # 24 bits
+        out = torch.stack([(word >> s) & 0xFF for s in (0, 8, 16)], dim=-1)  # (N, Kp/8, 3)
+        return out.to(torch.uint8).reshape(n, kp * 3 // 8).contiguous()
+    raise ValueError(f"pack: unsupported bits {bits}")
+
+
+def unpack(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of ``pack``: stored ``qweight`` -> codes (N, Kp) uint8."""
+    n = qweight.shape[0]
+    if bits == 8:
+        return qweight
+    if bits == 4:
+        b = qweight.view(n, -1, 16)  # (N, blocks, 16)
+        return torch.stack([b & 0x0F, b >> 4], dim=2).reshape(n, -1)
+    if bits == 3:
+        t = qweight.view(n, -1, 3).to(torch.int32)
+        word = t[..., 0] | (t[..., 1] << 8) | (t[..., 2] << 16)  # (N, Kp/8)
+        return torch.stack([(word >> (3 * j)) & 7 for j in range(8)], dim=-1).to(
+            torch.uint8).reshape(n, -1)
+    raise ValueError(f"unpack: unsupported bits {bits}")
+
+
+def dequantize_codes(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int) -> torch.Tensor:
+    """(q - z) * s in fp32, (N, Kp); scales/zeros (N, G) broadcast over their groups."""
+    kp = codes.shape[1]
+    s = scales.float().repeat_interleave(group_size, dim=1)[:, :kp]
+    z = zeros.float().repeat_interleave(group_size, dim=1)[:, :kp]
+    return (codes.float() - z) * s
+
+
+# -- the compiled kernel (optional) ----------------------------------------------------------
+_EXT: object | None = None
+_EXT_TRIED = False
+
+
+def kernel():
+    """The compiled AVX2 extension, built on first use; None (fallback) when it cannot be.
+
+    Set POCKETLM_NO_KERNEL=1 to force the pure-PyTorch fallback.
+    """
+    global _EXT, _EXT_TRIED
+    if _EXT_TRIED:
+        return _EXT
+    _EXT_TRIED = True
+    from pocketlm.compress.kernels import build
+
+    _EXT = build()
+    return _EXT
+
+
+def backend() -> str:
+    """'avx2' when the compiled kernel is in use, else 'fallback' (dequantize, then matmul)."""
+    return "avx2" if kernel() is not None else "fallback"
+
+
+def qmatmul(x: torch.Tensor, qw: QuantizedTensor) -> torch.Tensor:
+    """x (..., K) @ W.T for a quantized W (N, K) -> (..., N), computed in fp32."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, qw.in_features).float()
+    if qw.kp != qw.in_features:
+        x2 = F.pad(x2, (0, qw.kp - qw.in_features))
+    ext = kernel()
+    kbits = 8 if qw.bits == 3 else qw.bits
+    if ext is not None and x2.shape[0] <= GEMV_MAX_ROWS:
+        y = ext.qgemv(x2.contiguous(), qw.kernel_codes(), qw.scales, qw.zeros, kbits, qw.group_size)
+    else:
+        if ext is not None:
+            w = ext.dequantize(qw.kernel_codes(), qw.scales, qw.zeros, kbits, qw.group_size)
+        else:
+            w = dequantize_codes(qw.codes(), qw.scales, qw.zeros, qw.group_size)
+        y = F.linear(x2, w)
+    return y.to(x.dtype).reshape(*lead, qw.out_features)
+
+
+# -- modules ---------------------------------------------------------------------------------
+class QuantizedTensor(nn.Module):
+    """Packed codes + scales (+ zeros) of one (N, K) weight, as buffers that save and load."""
+
+    def __init__(self, out_features: int, in_features: int, bits: int, group_size: int,
+                 sym: bool):
+        super().__init__()
+        self.out_features, self.in_features = out_features, in_features
+        self.bits, self.sym = bits, sym
+        self.kp = padded_width(in_features)
+        self.group_size = group_size if group_size else self.kp  # 0 = one group per row
+        if self.group_size % 32:
+            raise ValueError(f"group size must be a multiple of 32, got {group_size}")
+        g = -(-self.kp // self.group_size)
+        n, b = out_features, {8: self.kp, 4: self.kp // 2, 3: self.kp * 3 // 8}[bits]
+        self.register_buffer("qweight", torch.zeros(n, b, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(n, g, dtype=torch.float16))
+        # The symmetric zero point is a constant: kept in memory for the kernel, not saved.
+        self.register_buffer("zeros", torch.full((n, g), 1 << (bits - 1), dtype=torch.uint8),
+                             persistent=not sym)
+        self._unpacked: torch.Tensor | None = None
+        self.compute_dtype = torch.float32  # activations' dtype; codes stay uint8
+
+    def set(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> None:
+        """Fill from codes (N, Kp) uint8, scales (N, G) fp16, zeros (N, G) uint8."""
+        self.qweight.copy_(pack(codes, self.bits))
+        self.scales.copy_(scales)
+        self.zeros.copy_(zeros)
+        self._unpacked = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A shape-and-dtype stand-in (on the meta device, no data): code that asks
+        ``lm_head.weight.dtype`` for the compute dtype keeps working. Use ``dequantize()``
+        for the values."""
+        return torch.empty(self.out_features, self.in_features, dtype=self.compute_dtype,
+                           device="meta")
+
+    def codes(self) -> torch.Tensor:
+        return unpack(self.qweight, self.bits)
+
+    def kernel_codes(self) -> torch.Tensor:
+        if self.bits != 3:
+            return self.qweight
+        if self._unpacked is None:
+            self._unpacked = unpack(self.qweight, 3).contiguous()
+        return self._unpacked
+
+    def dequantize(self) -> torch.Tensor:
+        """The float weight (N, K) these codes stand for."""
+        w = dequantize_codes(self.codes(), self.scales, self.zeros, self.group_size)
+        return w[:, : self.in_features]
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._unpacked = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def nbytes(self) -> int:
+        n = self.qweight.numel() + self.scales.numel() * 2
+        return n + (0 if self.sym else self.zeros.numel())
+
+    def extra_repr(self) -> str:
+        return (f"{self.out_features}x{self.in_features}, int{self.bits}, "
+                f"group {self.group_size}, {'sym' if self.sym else 'asym'}")
+
+
+class QLinear(QuantizedTensor):
+    """A bias-free Linear computing from its packed weight (buffers qweight, scales, zeros)."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
+                 sym: bool):
+        super().__init__(out_features, in_features, bits, group_size, sym)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qmatmul(x, self)
+
+
+class QEmbedding(QuantizedTensor):
+    """An embedding table stored quantized, one row per token; lookups dequantize rows."""
+
+    def __init__(self, num_embeddings: int, dim: int, bits: int, group_size: int, sym: bool):
+        super().__init__(num_embeddings, dim, bits, group_size, sym)
+        self.num_embeddings, self.embedding_dim = num_embeddings, dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        codes = unpack(self.qweight[flat], self.bits)
+        w = dequantize_codes(codes, self.scales[flat], self.zeros[flat], self.group_size)
+        w = w[:, : self.embedding_dim].to(self.compute_dtype)
+        return w.reshape(*ids.shape, self.embedding_dim)
+
+
+class TiedQLinear(nn.Module):
+    """The output projection tied to a ``QEmbedding``: same codes, nothing of its own to save."""
+
+    def __init__(self, embedding: QEmbedding):
+        super().__init__()
+        self.__dict__["embedding"] = embedding  # not a submodule: its buffers save once
+        self.in_features, self.out_features = embedding.embedding_dim, embedding.num_embeddings
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qmatmul(x, self.embedding)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding.weight
+
+
+# -- the swap --------------------------------------------------------------------------------
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, leaf, module)
+
+
+def make_module(name: str, shape: tuple[int, int], spec: dict, network: nn.Module) -> nn.Module:
+    """An empty quantized module for ``name`` per its config entry ``spec``."""
+    if spec.get("tied"):
+        return TiedQLinear(network.get_submodule(spec["tied"]))
+    n, k = shape
+    bits, gs, sym = spec["bits"], spec.get("group_size", 0), spec.get("sym", True)
+    if name == "embed_tokens":
+        return QEmbedding(n, k, bits, gs, sym)
+    return QLinear(k, n, bits, gs, sym)
+
+
+def swap_in(network: nn.Module, state: dict, qconfig: dict) -> nn.Module:
+    """Replace the modules named in ``qconfig["modules"]`` by quantized ones and load ``state``.
+
+    ``network`` is a float ``Transformer`` (its weights may be uninitialised); every other
+    tensor of ``state`` is copied into it. Raises FormatError for a config or state that does
+    not match the network.
+    """
+    if qconfig.get("format") != FORMAT:
+        raise FormatError(
+            f"quantization format {qconfig.get('format')!r} is not one this pocketlm reads "
+            f"({FORMAT}); re-quantize the model with this version"
+        )
+    modules = qconfig.get("modules") or {}
+    # Embedding first, so a tied head can point at it.
+    for name in sorted(modules, key=lambda m: m != "embed_tokens"):
+        try:
+            old = network.get_submodule(name)
+        except AttributeError:
+            raise FormatError(f"quantized module {name!r} does not exist in this network") from None
+        if isinstance(old, nn.Embedding):
+            shape = (old.num_embeddings, old.embedding_dim)
+        else:
+            shape = (old.out_features, old.in_features)
+        _set_module(network, name, make_module(name, shape, modules[name], network))
+    state = {k: v for k, v in state.items() if v is not None}
+    result = network.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise FormatError(
+            f"quantized weights do not match the config: missing {result.missing_keys[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    network.quantization_config = qconfig
+    return network
+
+
+def build_quantized_network(config, state: dict, qconfig: dict, dtype=torch.float32):
+    """A ``Transformer`` with quantized modules, from a saved state dict and its qconfig."""
+    from pocketlm.model.transformer import Transformer, rope_tables
+
+    with torch.device("meta"):
+        network = Transformer(config)
+    network = network.to_empty(device="cpu")
+    if config.tie_embeddings and "lm_head" not in qconfig.get("modules", {}):
+        network.lm_head.weight = network.embed_tokens.weight
+    swap_in(network, state, qconfig)
+    cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+    network.rope_cos, network.rope_sin = cos.to(dtype), sin.to(dtype)
+    if config.tie_embeddings and "lm_head" not in qconfig.get("modules", {}):
+        network.lm_head.weight = network.embed_tokens.weight
+    # Only float parameters change dtype; codes stay uint8 and scales fp16.
+    for p in network.parameters():
+        p.data = p.data.to(dtype)
+    for m in network.modules():
+        if isinstance(m, QuantizedTensor):
+            m.compute_dtype = dtype
+    return network.eval()
+
+
+def quantized_bytes(network: nn.Module) -> int:
+    """Bytes of all quantized tensors (codes + scales + zeros) in ``network``."""
+    return sum(m.nbytes() for m in network.modules() if isinstance(m, QuantizedTensor))

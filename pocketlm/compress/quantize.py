@@ -1,0 +1,266 @@
+"""Weight-only quantization of a model: round-to-nearest (RTN), GPTQ and AWQ, one entry point.
+
+    >>> from pocketlm.compress import quantize
+    >>> q = quantize(model, method="gptq", bits=4, group_size=128)
+    >>> q.save("smollm2-int4-gptq")          # packed int4 + fp16 scales; pocketlm.load() reads it
+
+Grids (per row, per group of ``group_size`` input columns; 0 = one group per row):
+symmetric: s = max|w| / (2^(b-1) - 1), z = 2^(b-1); asymmetric: s = (max - min) / (2^b - 1)
+over [min(w, 0), max(w, 0)], z = round(-min / s). Codes q = clamp(round(w / s) + z, 0,
+2^b - 1); scales are rounded to fp16 *before* the codes are computed, so the stored model is
+exactly the model that was evaluated.
+
+The embedding table and the output projection (tied in small models) are quantized to int8
+per row by RTN unless kept in float with ``keep``: they are ~20% of a 135M model's weights
+and the output projection is the largest matmul at decode.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from pocketlm.compress.qlinear import FORMAT, QEmbedding, QLinear, TiedQLinear, padded_width
+from pocketlm.errors import InvalidArgument, UnsupportedModel
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rtn", "gptq", "awq")
+SUPPORTED = {"rtn": (8, 4, 3), "gptq": (8, 4, 3), "awq": (4, 3)}
+GROUP_SIZES = (0, 32, 64, 128, 256)
+KEEPABLE = ("embeddings", "lm_head")
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """One quantization grid: bit width, group size (0 = per row) and symmetry."""
+
+    bits: int
+    group_size: int = 128
+    sym: bool = True
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    def spec(self) -> dict:
+        return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
+
+
+def grid_params(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp16) and zero point (uint8) for each row of ``w`` (N, k): each (N,)."""
+    w = w.float()
+    if grid.sym:
+        amax = w.abs().amax(dim=1)
+        s = amax / ((1 << (grid.bits - 1)) - 1)
+        z = torch.full_like(s, 1 << (grid.bits - 1))
+    else:
+        lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
+        s = (hi - lo) / grid.qmax
+    s = torch.where(s > 0, s, torch.ones_like(s)).to(torch.float16)
+    s = torch.where(s.float() > 0, s, torch.full_like(s, 2**-24))  # fp16 underflow
+    if not grid.sym:
+        z = torch.round(-lo / s.float()).clamp(0, grid.qmax)
+    return s, z.to(torch.uint8)
+
+
+def quantize_cols(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qmax: int):
+    """Codes and their dequantized values for columns ``w`` (N, k) on grid (s, z), each (N,)."""
+    sf, zf = s.float()[:, None], z.float()[:, None]
+    q = torch.clamp(torch.round(w / sf) + zf, 0, qmax)
+    return q, (q - zf) * sf
+
+
+@dataclass
+class Quantized:
+    """A quantized weight before packing: codes (N, Kp) uint8, scales fp16, zeros uint8 (N, G)."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    grid: Grid
+    in_features: int
+
+    def dequantize(self) -> torch.Tensor:
+        gs = self.group_size
+        s = self.scales.float().repeat_interleave(gs, 1)[:, : self.in_features]
+        z = self.zeros.float().repeat_interleave(gs, 1)[:, : self.in_features]
+        return (self.codes[:, : self.in_features].float() - z) * s
+
+    @property
+    def group_size(self) -> int:
+        return self.grid.group_size or padded_width(self.in_features)
+
+
+def empty_quantized(n: int, k: int, grid: Grid) -> Quantized:
+    kp = padded_width(k)
+    gs = grid.group_size or kp
+    g = -(-kp // gs)
+    return Quantized(torch.zeros(n, kp, dtype=torch.uint8), torch.ones(n, g, dtype=torch.float16),
+                     torch.zeros(n, g, dtype=torch.uint8), grid, k)
+
+
+def finish_padding(q: Quantized) -> Quantized:
+    """Padded columns get the zero point as code, so they dequantize to exactly 0."""
+    k, gs = q.in_features, q.group_size
+    if q.codes.shape[1] > k:
+        z = q.zeros.repeat_interleave(gs, 1)[:, : q.codes.shape[1]]
+        q.codes[:, k:] = z[:, k:]
+    return q
+
+
+def rtn(w: torch.Tensor, grid: Grid) -> Quantized:
+    """Round-to-nearest quantization of ``w`` (N, K)."""
+    n, k = w.shape
+    out = empty_quantized(n, k, grid)
+    gs = out.group_size
+    for g, c0 in enumerate(range(0, k, gs)):
+        cols = w[:, c0: c0 + gs].float()
+        s, z = grid_params(cols, grid)
+        out.scales[:, g], out.zeros[:, g] = s, z
+        out.codes[:, c0: c0 + cols.shape[1]] = quantize_cols(cols, s, z, grid.qmax)[0].to(torch.uint8)
+    return finish_padding(out)
+
+
+def to_module(q: Quantized, kind: str = "linear") -> nn.Module:
+    n = q.codes.shape[0]
+    g = q.grid
+    if kind == "embedding":
+        m = QEmbedding(n, q.in_features, g.bits, g.group_size, g.sym)
+    else:
+        m = QLinear(q.in_features, n, g.bits, g.group_size, g.sym)
+    m.set(q.codes, q.scales, q.zeros)
+    return m
+
+
+# -- the model-level step --------------------------------------------------------------------
+def check_settings(method: str, bits: int, group_size: int, keep: tuple[str, ...] = ()) -> None:
+    """Raise InvalidArgument for a method/bits/group-size combination we do not support."""
+    if method not in METHODS:
+        raise InvalidArgument(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if bits not in SUPPORTED[method]:
+        combos = "; ".join(f"{m}: {', '.join(map(str, b))} bits" for m, b in SUPPORTED.items())
+        raise InvalidArgument(f"{method} does not support {bits} bits. Supported: {combos}")
+    if group_size not in GROUP_SIZES:
+        raise InvalidArgument(
+            f"group size {group_size} is not supported; use one of 32, 64, 128, 256, or 0 for "
+            "one group per output channel")
+    unknown = set(keep) - set(KEEPABLE)
+    if unknown:
+        raise InvalidArgument(f"--keep takes {', '.join(KEEPABLE)}; got {sorted(unknown)}")
+
+
+def linear_names(network) -> list[str]:
+    return [f"layers.{i}.{n}" for i in range(len(network.layers)) for n in LINEARS]
+
+
+def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None = None,
+             sym: bool = True, keep: tuple[str, ...] | list[str] = (),
+             calibration: str | None = None, samples: int = 64, seq_len: int = 512,
+             seed: int = 0, act_order: bool = False, damp: float = 0.01,
+             checkpoint_dir: str | None = None, progress: bool = True):
+    """A quantized copy of ``model`` (a ``pocketlm.Model``); the original is left as it was.
+
+    ``group_size`` None means per-channel for 8 bits and 128 otherwise. ``calibration`` is a
+    text file for GPTQ/AWQ (default WikiText-2 validation). ``checkpoint_dir`` lets an
+    interrupted GPTQ/AWQ run resume from its last finished layer. Raises InvalidArgument for
+    unsupported settings or calibration data, UnsupportedModel for an already-quantized model.
+    """
+    from pocketlm.api import Model
+
+    if group_size is None:
+        group_size = 0 if bits == 8 else 128
+    keep = tuple(keep)
+    check_settings(method, bits, group_size, keep)
+    if getattr(model.network, "quantization_config", None):
+        raise UnsupportedModel(
+            "this model is already quantized; quantize the float original instead (load the "
+            "source model, e.g. smollm2-135m-instruct, not the quantized folder)")
+    grid = Grid(bits, group_size, sym)
+    network = copy.deepcopy(model.network)
+    t0 = time.perf_counter()
+    calib_info = None
+    if method == "rtn":
+        for name in linear_names(network):
+            lin = network.get_submodule(name)
+            _replace(network, name, to_module(rtn(lin.weight.data, grid)))
+        stats = {}
+    else:
+        from pocketlm.compress.calibration import calibration_samples
+
+        batch, calib_info = calibration_samples(model.tokenizer, calibration, samples, seq_len, seed)
+        if method == "gptq":
+            from pocketlm.compress.gptq import gptq_network
+
+            stats = gptq_network(network, batch, grid, act_order=act_order, damp=damp,
+                                 checkpoint_dir=checkpoint_dir, progress=progress)
+        else:
+            from pocketlm.compress.awq import awq_network
+
+            stats = awq_network(network, batch, grid, checkpoint_dir=checkpoint_dir,
+                                progress=progress)
+    modules = {name: grid.spec() for name in linear_names(network)}
+    modules.update(_quantize_head(network, keep))
+    qconfig = {"quant_method": "pocketlm", "format": FORMAT, "method": method, "bits": bits,
+               "group_size": group_size, "sym": sym, "keep": list(keep), "modules": modules}
+    if method == "gptq":
+        qconfig.update(act_order=act_order, damp=damp)
+    network.quantization_config = qconfig
+    card = copy.deepcopy(model.card)
+    settings = {k: v for k, v in qconfig.items() if k not in ("modules", "quant_method", "format")}
+    if calib_info:
+        settings["calibration"] = calib_info
+    settings["seconds"] = round(time.perf_counter() - t0, 1)
+    settings["weight_bytes"] = _stored_bytes(network)
+    settings["fp32_weight_bytes"] = 4 * network.config.n_params
+    settings.update(stats)
+    card.add_step("quantize", **settings)
+    return Model(network, model.tokenizer, card)
+
+
+HEAD_GRID = Grid(8, 0, True)  # embedding / output projection: int8, one scale per row
+
+
+def _quantize_head(network, keep: tuple[str, ...]) -> dict:
+    """Quantize embed_tokens and lm_head to int8 per row unless kept; their config entries."""
+    modules = {}
+    tied = network.config.tie_embeddings
+    keep_emb, keep_head = "embeddings" in keep, "lm_head" in keep
+    if tied and keep_emb != keep_head:
+        raise InvalidArgument(
+            "this model ties its embedding and output projection (one tensor); keep both "
+            "(--keep embeddings,lm_head) or neither")
+    if not keep_emb:
+        q = rtn(network.embed_tokens.weight.data, HEAD_GRID)
+        network.embed_tokens = to_module(q, "embedding")
+        modules["embed_tokens"] = HEAD_GRID.spec()
+    if not keep_head:
+        if tied:
+            network.lm_head = TiedQLinear(network.embed_tokens)
+            modules["lm_head"] = {"tied": "embed_tokens"}
+        else:
+            network.lm_head = to_module(rtn(network.lm_head.weight.data, HEAD_GRID))
+            modules["lm_head"] = HEAD_GRID.spec()
+    return modules
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(root.get_submodule(parent), leaf, module)
+
+
+def _stored_bytes(network: nn.Module) -> int:
+    """Bytes of the tensors a save writes (tied tensors once): the weights file minus header."""
+    seen, total = set(), 0
+    for t in network.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
