@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from pocketlm.engine.fastlinear import speed_up
 from pocketlm.engine.generate import Token, generate as _generate
 from pocketlm.engine.sampling import SamplingParams
 from pocketlm.errors import ContextOverflow, FormatError, InvalidArgument, ModelNotFound, PocketError
@@ -26,7 +27,7 @@ from pocketlm.formats import gguf as gguf_format, huggingface as hf_format, regi
 from pocketlm.model.card import Card
 from pocketlm.model.config import ModelConfig
 from pocketlm.model.tokenizer import Tokenizer
-from pocketlm.model.transformer import Transformer, to_column_major
+from pocketlm.model.transformer import Transformer
 
 _SAMPLING_KEYS = {f.name for f in fields(SamplingParams)}
 
@@ -286,7 +287,7 @@ def build_network(config: ModelConfig, state: dict, dtype=torch.float32, source:
     network.rope_cos, network.rope_sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
     if config.tie_embeddings:
         network.lm_head.weight = network.embed_tokens.weight
-    return to_column_major(network.to(dtype)).eval()
+    return speed_up(network.to(dtype)).eval()
 
 
 def _is_gguf(path: Path) -> bool:

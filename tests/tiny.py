@@ -11,7 +11,8 @@ from pocketlm.api import Model
 from pocketlm.model.card import Card
 from pocketlm.model.config import ModelConfig
 from pocketlm.model.tokenizer import Tokenizer
-from pocketlm.model.transformer import Transformer, to_column_major
+from pocketlm.engine.fastlinear import speed_up
+from pocketlm.model.transformer import Transformer
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content']"
@@ -57,4 +58,4 @@ def make_tiny_model(seed: int = 0, **overrides) -> Model:
             if p.dim() > 1:
                 p.normal_(0, 0.08)
     # the layout pocketlm.load gives, so save -> load round trips are bit-identical
-    return Model(to_column_major(net), make_tokenizer(), Card(name="tiny", source="tests"))
+    return Model(speed_up(net), make_tokenizer(), Card(name="tiny", source="tests"))

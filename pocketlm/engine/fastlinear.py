@@ -1,0 +1,53 @@
+"""The fastest dense layout this machine allows for inference, chosen once at load.
+
+Batch-1 decode streams every weight once per token, so its speed is how fast a matrix-vector
+product reads memory. PyTorch's BLAS reads these shapes at ~8-20 GB/s; the AVX2 kernel
+(``gemv_f32`` in ``compress/kernels/qgemv.cpp``, compiled on first use) at ~22-26 GB/s on the
+same 2-core machine. ``GemvLinear`` uses it for up to ``MAX_ROWS`` input rows without
+gradients and ``F.linear`` otherwise (prefill, training); where the kernel cannot be built,
+weights are stored column-major instead, the best plain-PyTorch layout.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketlm.model.transformer import to_column_major
+
+MAX_ROWS = 8
+
+
+@lru_cache(maxsize=1)
+def _kernel():
+    from pocketlm.compress.kernels import build
+
+    return build()
+
+
+class GemvLinear(nn.Linear):
+    """An nn.Linear (same weight, same state dict) with a fast path for a few input rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        rows = x.numel() // x.shape[-1]
+        if (rows <= MAX_ROWS and self.bias is None and x.dtype == w.dtype == torch.float32
+                and w.is_contiguous() and not (torch.is_grad_enabled() and w.requires_grad)):
+            k = _kernel()
+            if k is not None:
+                y = k.gemv_f32(x.reshape(rows, -1).contiguous(), w)
+                return y.view(*x.shape[:-1], w.shape[0])
+        return F.linear(x, w, self.bias)
+
+
+def speed_up(network: nn.Module) -> nn.Module:
+    """Give every fp32 Linear the fast decode path (or column-major weights without the kernel)."""
+    if _kernel() is None:
+        return to_column_major(network)
+    for module in network.modules():
+        if type(module) is nn.Linear and module.weight.dtype == torch.float32:
+            module.__class__ = GemvLinear
+    return network
