@@ -8,7 +8,7 @@ import platform
 import statistics
 import subprocess
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def machine() -> dict:
     except OSError:
         commit = "?"
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "commit": commit, "date": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
 def write_results(name: str, figures: dict) -> Path:

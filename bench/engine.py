@@ -26,12 +26,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED, append_section, markdown_table, write_results  # noqa: E402
+from _common import REPO, SHARED, append_section, markdown_table, write_results
 
-import pocketlm  # noqa: E402
-from pocketlm.api import resolve  # noqa: E402
-from pocketlm.engine.generate import prefill  # noqa: E402
-from pocketlm.model.transformer import KVCache  # noqa: E402
+import pocketlm
+from pocketlm.api import resolve
+from pocketlm.engine.generate import prefill
+from pocketlm.model.transformer import KVCache
 
 PEER_BIN = REPO / ".peer" / "build" / "bin"
 BANDWIDTH_GBPS = 18.0  # measured read bandwidth of this machine class (engine issue)

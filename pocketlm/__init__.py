@@ -6,5 +6,14 @@ from pocketlm.errors import PocketError
 from pocketlm.formats.registry import DEFAULT_MODEL, list_models, pull, remove
 
 __version__ = "0.1.0"
-__all__ = ["Model", "load", "set_threads", "SamplingParams", "PocketError", "DEFAULT_MODEL",
-           "list_models", "pull", "remove"]
+__all__ = [
+           "DEFAULT_MODEL",
+           "Model",
+           "PocketError",
+           "SamplingParams",
+           "list_models",
+           "load",
+           "pull",
+           "remove",
+           "set_threads",
+]

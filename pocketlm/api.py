@@ -20,10 +20,19 @@ from pathlib import Path
 import torch
 
 from pocketlm.engine.fastlinear import speed_up
-from pocketlm.engine.generate import Token, generate as _generate
+from pocketlm.engine.generate import Token
+from pocketlm.engine.generate import generate as _generate
 from pocketlm.engine.sampling import SamplingParams
-from pocketlm.errors import ContextOverflow, FormatError, InvalidArgument, ModelNotFound, PocketError
-from pocketlm.formats import gguf as gguf_format, huggingface as hf_format, registry
+from pocketlm.errors import (
+    ContextOverflow,
+    FormatError,
+    InvalidArgument,
+    ModelNotFound,
+    PocketError,
+)
+from pocketlm.formats import gguf as gguf_format
+from pocketlm.formats import huggingface as hf_format
+from pocketlm.formats import registry
 from pocketlm.model.card import Card
 from pocketlm.model.config import ModelConfig
 from pocketlm.model.tokenizer import Tokenizer
@@ -295,4 +304,4 @@ def _is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-__all__ = ["Model", "load", "resolve", "set_threads", "PocketError"]
+__all__ = ["Model", "PocketError", "load", "resolve", "set_threads"]

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from tiny import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

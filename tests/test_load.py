@@ -7,11 +7,11 @@ import shutil
 
 import pytest
 import torch
+from tiny import make_tiny_model
 
 import pocketlm
 from pocketlm.errors import FormatError, ModelNotFound, UnsupportedModel
 from pocketlm.formats import registry
-from tiny import make_tiny_model
 
 
 def test_saved_folder_loads_back_with_identical_logits(tmp_path, tiny_model):

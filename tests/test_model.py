@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from tiny import make_tiny_model
 
 from pocketlm.engine.generate import decode_step, forward_at, prefill
 from pocketlm.model.transformer import KVCache
-from tiny import make_tiny_model
 
 PROMPTS = [
     "The capital of France is",

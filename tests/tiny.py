@@ -8,10 +8,10 @@ from __future__ import annotations
 import torch
 
 from pocketlm.api import Model
+from pocketlm.engine.fastlinear import speed_up
 from pocketlm.model.card import Card
 from pocketlm.model.config import ModelConfig
 from pocketlm.model.tokenizer import Tokenizer
-from pocketlm.engine.fastlinear import speed_up
 from pocketlm.model.transformer import Transformer
 
 CHATML = (
@@ -24,7 +24,8 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 def make_tokenizer() -> Tokenizer:
     """Byte-level BPE: 3 specials, the 256 bytes, and a few merges (vocab 3 + 256 + merges)."""
-    from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
 
     byte_chars = pre_tokenizers.ByteLevel.alphabet()
     vocab = {s: i for i, s in enumerate(SPECIALS)}

@@ -80,7 +80,7 @@ def read_config(f: GGUFFile) -> ModelConfig:
             f"{f.path.name}: architecture {arch!r} is not supported; pocketlm runs "
             f"{', '.join(SUPPORTED_ARCHS)} (LLaMA-family) models for now"
         )
-    g = lambda key, default=None: f.get(f"{arch}.{key}", default)  # noqa: E731
+    g = lambda key, default=None: f.get(f"{arch}.{key}", default)
     if g("rope.scaling.type", "none") not in ("none", None) or g("rope.scaling.factor"):
         raise UnsupportedModel(f"{f.path.name}: RoPE scaling is not supported yet")
     n_heads = g("attention.head_count")

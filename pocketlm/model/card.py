@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Card:
         (Path(folder) / "card.json").write_text(json.dumps(asdict(self), indent=2))
 
     @classmethod
-    def load(cls, folder: str | Path) -> "Card":
+    def load(cls, folder: str | Path) -> Card:
         path = Path(folder) / "card.json"
         if not path.is_file():
             return cls()

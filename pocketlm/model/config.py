@@ -69,7 +69,7 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_hf(cls, cfg: dict) -> "ModelConfig":
+    def from_hf(cls, cfg: dict) -> ModelConfig:
         archs = cfg.get("architectures") or [cfg.get("model_type", "?")]
         if cfg.get("model_type") not in ("llama", "mistral", "qwen2", None) or not any(
             a in ("LlamaForCausalLM", "MistralForCausalLM") for a in archs
@@ -111,6 +111,6 @@ class ModelConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelConfig":
+    def from_dict(cls, d: dict) -> ModelConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})

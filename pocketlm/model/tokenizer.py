@@ -39,7 +39,8 @@ _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endof
 
 
 def _pre_tokenizer(kind: str):
-    from tokenizers import Regex, pre_tokenizers as pt
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
 
     if kind == "gpt2":
         return pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
@@ -78,8 +79,9 @@ class Tokenizer:
 
     # -- building -----------------------------------------------------------------------
     @classmethod
-    def from_gguf_metadata(cls, meta: dict, source: str = "GGUF file") -> "Tokenizer":
-        from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models
+    def from_gguf_metadata(cls, meta: dict, source: str = "GGUF file") -> Tokenizer:
+        from tokenizers import AddedToken, decoders, models
+        from tokenizers import Tokenizer as HFTokenizer
 
         model = meta.get("tokenizer.ggml.model")
         if model != "gpt2":
@@ -121,7 +123,7 @@ class Tokenizer:
         )
 
     @classmethod
-    def from_folder(cls, folder: str | Path) -> "Tokenizer":
+    def from_folder(cls, folder: str | Path) -> Tokenizer:
         """A Hugging Face / pocketlm folder: tokenizer.json (+ tokenizer_config.json)."""
         from tokenizers import Tokenizer as HFTokenizer
 

@@ -67,7 +67,7 @@ class KVCache:
     @classmethod
     def allocate(
         cls, config: ModelConfig, batch_size: int, max_seq_len: int, dtype=torch.float32
-    ) -> "KVCache":
+    ) -> KVCache:
         shape = (batch_size, config.n_kv_heads, max_seq_len, config.head_dim)
         return cls(
             k=[torch.zeros(shape, dtype=dtype) for _ in range(config.n_layers)],
