@@ -74,3 +74,39 @@ def alternate(fns: dict, rounds: int = 3) -> dict:
             fn()
             times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def merge_results(name: str, key: str, figures: dict) -> None:
+    """Read-modify-write bench/results/NAME.json, replacing only ``key`` (scripts share files)."""
+    path = RESULTS / f"{name}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.pop("machine", None)
+    data[key] = figures
+    write_results(name, data)
+
+
+def read_results(name: str, key: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()).get(key, {}) if path.is_file() else {}
+
+
+def wikitext_perplexity(model, a) -> dict:
+    """WikiText-2 test perplexity through the evaluator (a.pages, a.context, a.stride)."""
+    from pocketlm.evaluate.run import evaluate
+
+    t0 = time.perf_counter()
+    r = evaluate(model, "wikitext2", limit=a.pages, context=a.context, stride=a.stride,
+                 use_cache=False, record=False, progress=True)["tasks"]["wikitext2"]
+    return {"word_perplexity": r["word_perplexity"], "token_perplexity": r["token_perplexity"],
+            "tokens_scored": r["tokens"], "eval_s": time.perf_counter() - t0}
+
+
+def decode_ab(networks: dict, tokens: int, rounds: int) -> dict:
+    """Seconds per decode step of each network, alternating A B A B; medians."""
+    from pocketlm.engine.bench import time_decode
+
+    times = {k: [] for k in networks}
+    for _ in range(rounds):
+        for k, net in networks.items():
+            times[k].append(time_decode(net, new_tokens=tokens))
+    return {k: statistics.median(v) for k, v in times.items()}

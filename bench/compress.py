@@ -29,7 +29,6 @@ import json
 import math
 import os
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,12 +38,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, RESULTS, SHARED, append_section, markdown_table, write_results
+from _common import (  # noqa: E402
+    REPO, SHARED, append_section, decode_ab, markdown_table, merge_results, read_results,
+    wikitext_perplexity,
+)
 
 import pocketlm
 from pocketlm.compress import quantize
 from pocketlm.compress.qlinear import backend
-from pocketlm.engine.bench import time_decode
 
 PEER_BIN = REPO / ".peer" / "build" / "bin"
 TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -60,37 +61,6 @@ CONFIGS = {  # name -> quantize() settings
                                      "sym": False, "act_order": True},
 }
 
-
-def load_results() -> dict:
-    path = RESULTS / "compress.json"
-    return json.loads(path.read_text()).get("quantize", {}) if path.is_file() else {}
-
-
-def save_results(figures: dict) -> None:
-    """Read-modify-write: only the "quantize" key is ours; "prune" belongs to pruning."""
-    path = RESULTS / "compress.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data.pop("machine", None)
-    data["quantize"] = figures
-    write_results("compress", data)
-
-
-def perplexity(model, a) -> dict:
-    from pocketlm.evaluate.run import evaluate
-
-    t0 = time.perf_counter()
-    r = evaluate(model, "wikitext2", limit=a.pages, context=a.context, stride=a.stride,
-                 use_cache=False, record=False, progress=True)["tasks"]["wikitext2"]
-    return {"word_perplexity": r["word_perplexity"], "token_perplexity": r["token_perplexity"],
-            "tokens_scored": r["tokens"], "eval_s": time.perf_counter() - t0}
-
-
-def decode_ab(networks: dict, tokens: int, rounds: int) -> dict:
-    times = {k: [] for k in networks}
-    for _ in range(rounds):
-        for k, net in networks.items():
-            times[k].append(time_decode(net, new_tokens=tokens))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def measure(ref, name: str, settings: dict, a) -> dict:
@@ -191,6 +161,19 @@ def report(fig: dict) -> str:
     return table
 
 
+
+def load_results() -> dict:
+    return read_results("compress", "quantize")
+
+
+def save_results(figures: dict) -> None:
+    """Only the "quantize" key is ours; "prune" belongs to bench/prune.py."""
+    merge_results("compress", "quantize", figures)
+
+
+perplexity = wikitext_perplexity
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pages", type=int, default=3, help="WikiText-2 test pages scored (3)")
@@ -245,3 +228,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

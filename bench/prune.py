@@ -37,49 +37,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, SHARED, append_section, markdown_table, write_results
+from _common import (  # noqa: E402
+    SHARED, append_section, decode_ab, markdown_table, merge_results, read_results,
+    wikitext_perplexity,
+)
 
 import pocketlm
 from pocketlm.compress.prune import prune, save_bitmask, sparsity_of
 from pocketlm.compress.structured import prune_structured
-from pocketlm.engine.bench import time_decode, weight_bytes
+from pocketlm.engine.bench import weight_bytes
 
 VALID = SHARED / "data" / "wikitext-2-raw" / "wiki.valid.raw"
 
-
-def read_prune_results() -> dict:
-    path = RESULTS / "compress.json"
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text()).get("prune", {})
-
-
-def save_prune_results(prune_figures: dict) -> None:
-    """Read-modify-write: only the "prune" key is ours; others belong to quantization."""
-    path = RESULTS / "compress.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    data.pop("machine", None)
-    data["prune"] = prune_figures
-    write_results("compress", data)
-
-
-def perplexity(model, a) -> dict:
-    from pocketlm.evaluate.run import evaluate
-
-    t0 = time.perf_counter()
-    r = evaluate(model, "wikitext2", limit=a.pages, context=a.context, stride=a.stride,
-                 use_cache=False, record=False, progress=True)["tasks"]["wikitext2"]
-    return {"word_perplexity": r["word_perplexity"], "token_perplexity": r["token_perplexity"],
-            "tokens_scored": r["tokens"], "eval_s": time.perf_counter() - t0}
-
-
-def decode_ab(networks: dict, tokens: int, rounds: int) -> dict:
-    """Seconds per decode step of each network, alternating A B A B; medians."""
-    times = {k: [] for k in networks}
-    for _ in range(rounds):
-        for k, net in networks.items():
-            times[k].append(time_decode(net, new_tokens=tokens))
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def folder_bytes(model) -> int:
@@ -126,6 +95,19 @@ def heal(model, steps: int, a) -> dict:
         p.requires_grad_(False)
     return healed, {"heal_steps": steps, "heal_tokens": steps * 4 * 256, "heal_lr": a.heal_lr,
                     "heal_s": seconds, "heal_data": str(VALID)}
+
+
+
+def read_prune_results() -> dict:
+    return read_results("compress", "prune")
+
+
+def save_prune_results(prune_figures: dict) -> None:
+    """Only the "prune" key is ours; "quantize" belongs to bench/compress.py."""
+    merge_results("compress", "prune", prune_figures)
+
+
+perplexity = wikitext_perplexity
 
 
 def main() -> None:
@@ -308,3 +290,4 @@ def report(res: dict, section: bool = True) -> None:
 
 if __name__ == "__main__":
     main()
+
