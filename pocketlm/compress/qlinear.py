@@ -99,7 +99,7 @@ def kernel():
     if _EXT_TRIED:
         return _EXT
     _EXT_TRIED = True
-    from pocketlm.compress.kernels import build
+    from pocketlm.kernels import build
 
     _EXT = build()
     return _EXT

@@ -2,7 +2,7 @@
 
 Batch-1 decode streams every weight once per token, so its speed is how fast a matrix-vector
 product reads memory. PyTorch's BLAS reads these shapes at ~8-20 GB/s; the AVX2 kernel
-(``gemv_f32`` in ``compress/kernels/qgemv.cpp``, compiled on first use) at ~22-26 GB/s on the
+(``gemv_f32`` in ``kernels/qgemv.cpp``, compiled on first use) at ~22-26 GB/s on the
 same 2-core machine. ``GemvLinear`` uses it for up to ``MAX_ROWS`` input rows without
 gradients and ``F.linear`` otherwise (prefill, training); where the kernel cannot be built,
 weights are stored column-major instead, the best plain-PyTorch layout.
@@ -23,7 +23,7 @@ MAX_ROWS = 8
 
 @lru_cache(maxsize=1)
 def _kernel():
-    from pocketlm.compress.kernels import build
+    from pocketlm.kernels import build
 
     return build()
 
