@@ -1,9 +1,12 @@
 """Training across processes: a run killed with SIGKILL resumes to the same weights, and
-``torchrun --nproc-per-node 2`` (DDP on gloo) matches one process at the same global batch."""
+``torchrun --nproc-per-node 2`` (DDP, or FSDP with --fsdp, on gloo) matches one process at the
+same global batch."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,14 +113,11 @@ def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_weights(tmp_path):
     assert_same_weights(tmp_path / "a", tmp_path / "b", atol=1e-5)
 
 
-@pytest.mark.integration
-def test_torchrun_two_processes_match_one_at_the_same_global_batch(tmp_path):
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists():
-        pytest.skip("torchrun is not installed next to this python")
+def two_process_args(tmp_path: Path) -> list[str]:
+    """A 3-step finetune of the tiny model: 4 rows x 2 micro-batches per step."""
     make_tiny_model().save(tmp_path / "tiny")
     data = corpus(tmp_path / "docs.txt")
-    args = [
+    return [
         "finetune",
         str(tmp_path / "tiny"),
         "--data",
@@ -141,17 +141,15 @@ def test_torchrun_two_processes_match_one_at_the_same_global_batch(tmp_path):
         "--threads",
         "1",
     ]
+
+
+def torchrun(args: list[str]) -> None:
+    """Run the CLI in 2 processes; fail with their stderr."""
+    exe = Path(sys.executable).with_name("torchrun")
+    if not exe.exists():
+        pytest.skip("torchrun is not installed next to this python")
     r = subprocess.run(
-        [
-            str(torchrun),
-            "--nproc-per-node",
-            "2",
-            "-m",
-            "pocketlm.cli",
-            *args,
-            "-o",
-            str(tmp_path / "ddp"),
-        ],
+        [str(exe), "--nproc-per-node", "2", "-m", "pocketlm.cli", *args],
         check=False,
         cwd=REPO,
         env=cli_env(),
@@ -160,5 +158,34 @@ def test_torchrun_two_processes_match_one_at_the_same_global_batch(tmp_path):
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.integration
+def test_torchrun_two_processes_match_one_at_the_same_global_batch(tmp_path):
+    args = two_process_args(tmp_path)
+    torchrun([*args, "-o", str(tmp_path / "ddp")])
     assert main([*args, "-o", str(tmp_path / "one")]) == 0
     assert_same_weights(tmp_path / "one", tmp_path / "ddp", atol=1e-5)
+
+
+@pytest.mark.integration
+def test_fsdp_two_processes_match_one_and_resume_from_a_sharded_run(tmp_path):
+    args = two_process_args(tmp_path)
+    assert main([*args, "-o", str(tmp_path / "one")]) == 0
+    # FSDP, with a checkpoint at step 2 kept after the run
+    fsdp = [*args, "--fsdp", "--checkpoint-every", "2", "--keep-checkpoint"]
+    torchrun([*fsdp, "-o", str(tmp_path / "fsdp")])
+    assert_same_weights(tmp_path / "one", tmp_path / "fsdp", atol=1e-5)
+    assert weights(tmp_path / "one").keys() == weights(tmp_path / "fsdp").keys()
+
+    # a second FSDP run resumed from that step-2 checkpoint ends on the same weights
+    saved = torch.load(tmp_path / "fsdp" / "checkpoints" / "last.pt", weights_only=False)
+    assert saved["step"] == 2 and saved["settings"]["fsdp"] is True
+    assert all(not hasattr(t, "device_mesh") for t in saved["trainable"].values())  # full
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints", tmp_path / "resumed" / "checkpoints")
+    saved["history"][0]["loss"] = 123.0  # a mark that only a resumed run carries over
+    torch.save(saved, tmp_path / "resumed" / "checkpoints" / "last.pt")
+    torchrun([*fsdp, "--resume", "-o", str(tmp_path / "resumed")])
+    history = json.loads((tmp_path / "resumed" / "train_log.json").read_text())["history"]
+    assert [h["loss"] for h in history][:1] == [123.0] and len(history) == 3
+    assert_same_weights(tmp_path / "fsdp", tmp_path / "resumed", atol=1e-6)

@@ -16,10 +16,17 @@ CPU, NCCL on GPUs) and each process takes every N-th row of each micro-batch. Th
 step is the sum of its token losses divided by the step's target-token count over all
 processes and micro-batches, so N processes compute the same update as one process with the
 same global batch.
+
+With ``fsdp`` (``--fsdp``) the processes shard instead of replicate: a copy of the network is
+split with FSDP2 (``fully_shard`` per transformer block, then the root), so each process holds
+1/N of the trainable weights, their gradients and AdamW's moments. The caller's network stays
+whole and unchanged until the held-out evaluations and the end of the run, when the trained
+weights are gathered back into it; checkpoints hold full tensors, written by process 0.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -81,6 +88,7 @@ class TrainSettings:
     keep_checkpoint: bool = False  # keep checkpoints/last.pt after a finished run
     progress: bool = True
     memory_check: bool = True
+    fsdp: bool = False  # under torchrun: shard weights, grads and AdamW state (FSDP2)
 
     def resolve_steps(self, n_rows: int, seq_len: int) -> int:
         rows_per_step = self.batch_size * self.grad_accum
@@ -114,11 +122,14 @@ class TrainSettings:
             "bf16",
             "seed",
         )
-        return {
+        identity = {
             "steps": steps,
             "warmup_steps": self.warmup(steps),
             **{k: getattr(self, k) for k in keys},
         }
+        if self.fsdp:  # its checkpoints keep AdamW's state by parameter name
+            identity["fsdp"] = True
+        return identity
 
 
 @dataclass
@@ -187,11 +198,12 @@ def available_memory() -> int:
 
 
 def estimate_memory(
-    network: nn.Module, micro_rows: int, seq_len: int, extra_per_token: int = 0
+    network: nn.Module, micro_rows: int, seq_len: int, extra_per_token: int = 0, shards: int = 1
 ) -> dict:
     """Bytes a training run needs beyond the already loaded weights.
 
-    Gradients + AdamW's two moments (fp32) for each trainable parameter, and the activations
+    Gradients + AdamW's two moments (fp32) for each trainable parameter (with ``shards`` > 1,
+    FSDP: 1/shards of them, plus the sharded copy of the weights), and the activations
     kept for the backward pass: per token and layer about 12 x width + 5 x SwiGLU width
     floats, plus 3 vocabulary-wide rows (logits, log-softmax, their gradient), plus
     ``extra_per_token`` (e.g. a teacher's logits), with 20% allocator overhead.
@@ -200,7 +212,7 @@ def estimate_memory(
     trainable = sum(p.numel() for p in network.parameters() if p.requires_grad)
     per_token = 4 * (cfg.n_layers * (12 * cfg.dim + 5 * cfg.hidden_dim) + 3 * cfg.vocab_size)
     activations = int(1.2 * micro_rows * seq_len * (per_token + extra_per_token))
-    optimizer = 3 * 4 * trainable
+    optimizer = 3 * 4 * trainable if shards == 1 else 4 * 4 * trainable // shards
     return {
         "trainable_params": trainable,
         "optimizer_bytes": optimizer,
@@ -244,6 +256,33 @@ class _Rows:
         return torch.tensor(out, dtype=torch.long)
 
 
+def _shard(network: nn.Module) -> nn.Module:
+    """An FSDP2-sharded copy of ``network``: one unit per transformer block, then the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = copy.deepcopy(network)
+    for block in getattr(sharded, "layers", []):
+        fully_shard(block)
+    fully_shard(sharded)
+    return sharded
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind an FSDP shard (a collective: every process must call it)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@torch.no_grad()
+def _gather_into(sharded: nn.Module, network: nn.Module) -> None:
+    """Copy the trained weights of the sharded copy into the caller's whole network."""
+    whole = dict(network.named_parameters())
+    for n, p in sharded.named_parameters():
+        if p.requires_grad:
+            whole[n].copy_(_full(p))
+
+
 def _dist() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -282,15 +321,24 @@ def train(
         )
     if s.bf16 and not bf16_supported():
         raise InvalidArgument("--bf16 needs a CPU with AVX512-BF16 or AMX; this one has neither")
+    fsdp = s.fsdp and world > 1
+    if s.fsdp and world == 1:
+        log.warning(
+            "--fsdp has no effect in one process; start it with torchrun --nproc-per-node N"
+        )
     seq_len = data.seq_len
     steps = s.resolve_steps(len(data), seq_len)
-    params = [(n, p) for n, p in network.named_parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in network.parameters()):
         raise InvalidArgument("the network has no trainable parameters")
     if s.memory_check:
         check_memory(
-            estimate_memory(network, s.batch_size // world, seq_len, extra_bytes_per_token)
+            estimate_memory(
+                network, s.batch_size // world, seq_len, extra_bytes_per_token, world if fsdp else 1
+            )
         )
+    # the module the steps run on: the network itself, or its sharded copy (FSDP)
+    trained = _shard(network) if fsdp else network
+    params = [(n, p) for n, p in trained.named_parameters() if p.requires_grad]
 
     torch.manual_seed(s.seed)
     decay = [p for n, p in params if p.dim() >= 2]
@@ -313,10 +361,24 @@ def train(
             log.warning("--resume: no checkpoint in %s, starting from step 0", ckpt_dir)
         else:
             ckpt.check_compatible(saved, identity, fingerprint, ckpt_dir)
-            with torch.no_grad():
-                for n, p in params:
-                    p.copy_(saved["trainable"][n])
-            opt.load_state_dict(saved["optimizer"])
+            if fsdp:  # every process reads the full tensors and keeps its shard
+                from torch.distributed.checkpoint.state_dict import (
+                    StateDictOptions,
+                    set_state_dict,
+                )
+
+                set_state_dict(
+                    trained,
+                    opt,
+                    model_state_dict=saved["trainable"],
+                    optim_state_dict=saved["optimizer"],
+                    options=StateDictOptions(full_state_dict=True, strict=False),
+                )
+            else:
+                with torch.no_grad():
+                    for n, p in params:
+                        p.copy_(saved["trainable"][n])
+                opt.load_state_dict(saved["optimizer"])
             ckpt.set_rng_state(saved["rng"])
             start, history, evals = saved["step"], saved["history"], saved["evals"]
             good_step = start
@@ -324,6 +386,16 @@ def train(
 
     def save_checkpoint(step: int) -> None:
         nonlocal good_step
+        if fsdp:  # full tensors, optimizer state keyed by parameter name (all processes call)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+            whole, optimizer = get_state_dict(
+                trained, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+            )
+            trainable = {n: whole[n] for n, _ in params} if rank == 0 else {}
+        else:
+            trainable = {n: p.detach().clone() for n, p in params}
+            optimizer = opt.state_dict()
         if rank == 0:
             ckpt.save(
                 ckpt_dir,
@@ -331,8 +403,8 @@ def train(
                     "step": step,
                     "settings": identity,
                     "fingerprint": fingerprint,
-                    "trainable": {n: p.detach().clone() for n, p in params},
-                    "optimizer": opt.state_dict(),
+                    "trainable": trainable,
+                    "optimizer": optimizer,
                     "rng": ckpt.rng_state(),
                     "history": history,
                     "evals": evals,
@@ -342,12 +414,12 @@ def train(
         if world > 1:
             torch.distributed.barrier()
 
-    model = network
-    if world > 1:
+    model = trained
+    if world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel
 
         model = DistributedDataParallel(network)
-    network.train()
+    trained.train()
 
     stop = {"flag": False}
     old_handler = None
@@ -387,7 +459,7 @@ def train(
             for m in range(accum):
                 local = step_rows[m][rank::world]
                 tok, mask = data.tokens[local], data.mask[local, 1:]
-                sync = m == accum - 1 or world == 1
+                sync = m == accum - 1 or world == 1 or fsdp  # FSDP reduces every micro-batch
                 ctx = model.no_sync() if not sync else _nullcontext()
                 with ctx:
                     with _autocast(s.bf16):
@@ -402,7 +474,7 @@ def train(
             if world > 1:
                 torch.distributed.all_reduce(loss_sum)
             step_loss = float(loss_sum)
-            grad_norm = (
+            grad_norm = _full(
                 torch.nn.utils.clip_grad_norm_([p for _, p in params], s.clip)
                 if s.clip > 0
                 else torch.zeros(())
@@ -438,6 +510,10 @@ def train(
             elapsed = time.perf_counter() - t0
             postfix = {"loss": f"{step_loss:.3f}", "tok/s": f"{done_tokens / elapsed:.0f}"}
             last = step + 1 == steps
+            if fsdp and (
+                last or held_out is not None and s.eval_every and (step + 1) % s.eval_every == 0
+            ):
+                _gather_into(trained, network)  # evaluate (and return) the whole network
             if (
                 held_out is not None
                 and rank == 0
@@ -462,6 +538,8 @@ def train(
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     seconds = time.perf_counter() - t0
+    if fsdp:
+        _gather_into(trained, network)
     network.eval()
     result = TrainResult(
         steps=steps,
