@@ -35,6 +35,7 @@ from pocketlm.train.distill import (
     load_cache,
     make_student,
     parse_layers,
+    parse_narrowing,
 )
 from pocketlm.train.lora import LoRALinear, apply_lora, merge_lora, save_adapter
 from pocketlm.train.trainer import (
@@ -279,6 +280,34 @@ def test_student_from_teacher_keeps_chosen_layers():
     assert torch.equal(s["embed_tokens.weight"], t["embed_tokens.weight"])
     with pytest.raises(pocketlm.PocketError, match=r"layers \[7\] do not exist"):
         make_student("from-teacher:0,7", teacher)
+
+
+def test_from_teacher_student_narrowed_by_structured_pruning(tmp_path):
+    teacher = make_tiny_model(n_layers=4, n_heads=8, n_kv_heads=2)
+    calib = tmp_path / "calib.txt"
+    calib.write_text(" ".join(f"the cat number {i} sat on the mat." for i in range(400)))
+    spec = "from-teacher:2,heads=0.25,mlp=0.5"
+    assert parse_narrowing(spec) == {"heads": 0.25, "mlp": 0.5}
+    assert parse_layers(spec, 4) == [0, 3]
+    student = make_student(spec, teacher, calibration=calib)
+    cfg = student.config
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.hidden_dim) == (2, 6, 2, 64)
+    assert [s["step"] for s in student.card.steps][-3:] == [
+        "init_from_teacher",
+        "prune_structured",
+        "prune_structured",
+    ]
+    # every kept MLP channel is one of the teacher's layer-3 channels, unchanged
+    t_up = teacher.network.state_dict()["layers.3.mlp.up_proj.weight"]
+    s_up = student.network.state_dict()["layers.1.mlp.up_proj.weight"]
+    assert s_up.shape == (64, 64)
+    assert all(bool((t_up == row).all(1).any()) for row in s_up)
+    logits = student.network(torch.tensor([[5, 6, 7]]))
+    assert logits.shape == (1, 3, cfg.vocab_size) and torch.isfinite(logits).all()
+    with pytest.raises(pocketlm.PocketError, match="heads=R or mlp=R"):
+        make_student("from-teacher:2,mlp=1.5", teacher)
+    with pytest.raises(pocketlm.PocketError, match="heads=R or mlp=R"):
+        make_student("from-teacher:2,width=0.5", teacher)
 
 
 def test_tokenizer_mismatch_is_refused():

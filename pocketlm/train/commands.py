@@ -15,7 +15,8 @@ or .csv with named columns; --prompt-column/--response-column/--text-column pick
 Instruction and chat data train on the responses only, rendered with the model's chat
 template. 10% of the records are held out (seeded by --split-seed, default 0) unless
 --eval-data is given. Checkpoints: OUT/checkpoints/last.pt (atomic; also on Ctrl-C).
-Multi-process: torchrun --nproc-per-node 2 -m pocketlm.cli finetune ..."""
+Multi-process: torchrun --nproc-per-node 2 -m pocketlm.cli finetune ... (DDP; add --fsdp
+to shard the weights, gradients and optimizer state when one process cannot hold them)."""
 
 DISTILL_EPILOG = """examples:
   pocketlm distill --teacher smollm2-135m-instruct --student from-teacher:10 \\
@@ -23,7 +24,9 @@ DISTILL_EPILOG = """examples:
   pocketlm distill --teacher big --student layers=6,dim=384,heads=6 --data a.txt b.txt -o s
 
 SPEC: a saved model (same tokenizer as the teacher), from-teacher:N (N evenly spaced teacher
-layers), from-teacher:0,3,6 (those layers), a preset (nano, micro, mini) or a config
+layers), from-teacher:0,3,6 (those layers), either narrowed by structured pruning with
+heads=R and/or mlp=R (the fraction removed per layer, e.g. from-teacher:10,mlp=0.25; scored on
+WikiText-2 validation), a preset (nano, micro, mini) or a config
 layers=L,dim=D,heads=H[,kv_heads=K,hidden=F]. With --top-k K the teacher runs once and its
 top-K log-probs are cached (fp16 + int32 ids, safetensors) for later runs."""
 
@@ -85,6 +88,12 @@ def _add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
     g.add_argument(
         "--keep-checkpoint", action="store_true", help="keep the checkpoint after the run finishes"
     )
+    g.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard weights, gradients and AdamW state over the processes "
+        "(FSDP2) instead of replicating them (DDP)",
+    )
     g.add_argument("--threads", type=int, default=None, help="CPU threads (all cores)")
     p.add_argument("-o", "--out", required=True, help="output folder")
 
@@ -110,6 +119,7 @@ def _settings(a):
         seed=a.seed,
         resume=a.resume,
         keep_checkpoint=a.keep_checkpoint,
+        fsdp=a.fsdp,
     )
 
 

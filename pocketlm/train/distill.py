@@ -221,9 +221,16 @@ def evenly_spaced(n_keep: int, n_layers: int) -> list[int]:
     return sorted({round(i * (n_layers - 1) / (n_keep - 1)) for i in range(n_keep)})
 
 
+NARROWING = ("heads", "mlp")  # structured-pruning units a from-teacher spec may narrow
+
+
 def parse_layers(spec: str, n_layers: int) -> list[int]:
-    """'from-teacher:10' (10 evenly spaced) or 'from-teacher:0,3,6' (those layers)."""
+    """'from-teacher:10' (10 evenly spaced) or 'from-teacher:0,3,6' (those layers).
+
+    Narrowing options (``mlp=0.25``) after the layers are ignored here; see parse_narrowing.
+    """
     body = spec.split(":", 1)[1] if ":" in spec else ""
+    body = ",".join(p for p in body.split(",") if "=" not in p)
     try:
         if "," in body:
             keep = sorted({int(x) for x in body.split(",") if x.strip()})
@@ -239,6 +246,29 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
             f"bad student spec {spec!r}; write from-teacher:N (N evenly spaced layers) or "
             "from-teacher:0,3,6 (those layers)"
         ) from None
+
+
+def parse_narrowing(spec: str) -> dict[str, float]:
+    """{'heads': 0.25, 'mlp': 0.5} from 'from-teacher:10,heads=0.25,mlp=0.5' (in that order).
+
+    Each value is the fraction of that unit removed from every kept layer, as ``pocketlm
+    prune --structured`` reads its ratio. Raises InvalidArgument for other keys or bad values.
+    """
+    body = spec.split(":", 1)[1] if ":" in spec else ""
+    out = {}
+    for part in (p.strip() for p in body.split(",") if "=" in p):
+        key, _, value = part.partition("=")
+        try:
+            ratio = float(value)
+        except ValueError:
+            ratio = -1.0
+        if key not in NARROWING or not 0 < ratio < 1:
+            raise InvalidArgument(
+                f"bad narrowing {part!r} in {spec!r}; write heads=R or mlp=R with R the fraction "
+                "removed, in (0, 1), e.g. from-teacher:10,mlp=0.25"
+            )
+        out[key] = ratio
+    return {k: out[k] for k in NARROWING if k in out}
 
 
 def student_from_teacher(teacher_model, layers: list[int]):
@@ -320,16 +350,29 @@ def random_student(teacher_model, config: ModelConfig, seed: int = 0):
     return Model(net.eval(), teacher_model.tokenizer, card)
 
 
-def make_student(spec: str, teacher_model, seed: int = 0):
+def make_student(spec: str, teacher_model, seed: int = 0, calibration: str | Path | None = None):
     """A student from SPEC: a model path/name, from-teacher:LAYERS, a preset or a config.
 
-    Raises TokenizerMismatch when a loaded student tokenizes differently from the teacher,
-    InvalidArgument for a bad spec.
+    ``from-teacher:LAYERS,heads=R,mlp=R`` also narrows the kept layers with structured
+    pruning (Minitron-style width pruning after depth pruning): the fraction R of every
+    layer's query heads / MLP channels with the least activation energy on ``calibration``
+    text (default: WikiText-2 validation) is removed. Raises TokenizerMismatch when a loaded
+    student tokenizes differently from the teacher, InvalidArgument for a bad spec.
     """
     if spec.startswith("from-teacher"):
-        return student_from_teacher(
+        narrowing = parse_narrowing(spec)
+        student = student_from_teacher(
             teacher_model, parse_layers(spec, teacher_model.config.n_layers)
         )
+        if narrowing:
+            from pocketlm.compress.structured import prune_structured
+
+            seq_len = min(512, student.config.max_seq_len)
+            for unit, ratio in narrowing.items():
+                student = prune_structured(
+                    student, unit, ratio, calibration=calibration, seq_len=seq_len, progress=False
+                )
+        return student
     if spec in PRESETS or "=" in spec:
         return random_student(teacher_model, parse_config_spec(spec, teacher_model.config), seed)
     from pocketlm.api import load
