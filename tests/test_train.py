@@ -442,6 +442,9 @@ def test_memory_estimate_refuses_what_does_not_fit():
         OutOfMemory, match=r"needs about .* MiB .* lower --batch-size .*\(--lora 16\)"
     ):
         check_memory(est, available=est["total_bytes"] // 2)
+    # FSDP over 4 processes: each holds a quarter of the weights, grads and two moments
+    sharded = estimate_memory(model.network, micro_rows=2, seq_len=256, shards=4)
+    assert sharded["optimizer_bytes"] == 16 * est["trainable_params"] // 4
 
 
 def test_distill_objective_with_identical_teacher_is_cross_entropy_weighted():
