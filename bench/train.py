@@ -1,23 +1,27 @@
 """Distillation and fine-tuning on the customer-support domain, on this CPU.
 
-    .venv/bin/python bench/train.py [--tokens 32768] [--eval-rows 16] [--quick]
+    .venv/bin/python bench/train.py --phases students --eval-rows 64   # the student study
+    .venv/bin/python bench/train.py [--tokens 32768] [--eval-rows 16]  # fine-tune + throughput
+    (add --quick to either to check the script runs on tiny budgets)
 
 Domain: bitext-customer-support (instruction -> response, chat template, loss on responses),
-held-out = 10% of the rows by the seeded split (split seed 0), packed into 256-token rows;
+held-out = 10% of the rows by the seeded split (split seed 0), packed into 128-token rows;
 each evaluation uses the first --eval-rows held-out rows. Teacher: the default model.
 
+students (run alone; see students_study):
 (a) KD vs CE-only for a student keeping 10 of the teacher's 30 layers (from-teacher:10),
-    the same token budget each; both curves in one PNG.
+    the same token budget (--student-tokens) each, the teacher corrected on the domain first
+    and its top-k log-probs cached once; the curves in bench/results/train_students.png.
 (b) from-teacher init vs random init (same shape, CE-only) at that budget.
-(c) fine-tune the teacher (LoRA r16 on all linears, and full) at that budget: held-out domain
+lora, full, throughput:
+(c) fine-tune the teacher (LoRA r16 on all linears, and full) on --tokens: held-out domain
     perplexity before/after, and WikiText-2 perplexity drift on fixed windows.
-(d) training tokens/s: teacher full, teacher LoRA, student (from the runs above), the student
-    under torchrun with 2 processes, and the peer (Hugging Face transformers' LlamaForCausalLM,
-    same weights, same batch, forward + backward + AdamW) measured in the same run.
+(d) training tokens/s: teacher full, teacher LoRA, the student under torchrun with 2
+    processes, and the peer (Hugging Face transformers' LlamaForCausalLM, same weights, same
+    batch, forward + backward + AdamW) measured in the same run.
 
-Every run sees the same rows in the same order (training seed 0); the budget is rows x 256
-tokens processed. Run it at `nice -n 10` on a shared machine.
-"""
+Every run sees the same rows in the same order (training seed 0); a budget is rows x 128
+tokens processed. Run it at `nice -n 10` with POCKETLM_THREADS=1 on a shared machine."""
 
 from __future__ import annotations
 
@@ -34,13 +38,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED, append_section, markdown_table, write_results
+from _common import (
+    REPO,
+    SHARED,
+    append_section,
+    markdown_table,
+    read_results,
+    write_results,
+)
 
 import pocketlm
 from pocketlm.train.data import Blocks, Data, load_data
 from pocketlm.train.distill import make_student
 from pocketlm.train.steps import distill, finetune
-from pocketlm.train.trainer import TrainSettings, evaluate, plot_curves
+from pocketlm.train.trainer import TrainSettings, evaluate
 
 CSV = SHARED / "data" / "bitext-customer-support" / "bitext_customer_support_4514.csv"
 WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -142,18 +153,278 @@ def torchrun_tokens_per_s(out: Path, steps: int) -> dict | None:
     return {"tokens_per_s": log["tokens_per_s"], "wall_s": time.perf_counter() - t0}
 
 
+def students_study(a, say) -> None:
+    """Priority bar: KD vs CE-only vs random init for a 10-of-30-layer student, same budget.
+
+    The teacher is first corrected on the domain (full fine-tune on the first
+    --correct-tokens of the students' own training rows; Minitron's "teacher correction"),
+    its top-k log-probs are cached once, and the three students train on the same rows in the
+    same order with the same settings; only the objective (KD or CE) or the init differs.
+    Held-out perplexity is measured every budget/8 tokens on the first --eval-rows held-out
+    rows; the last point is the table's figure. Nothing here is chosen by
+    looking at the held-out figures: the settings were fixed before the run.
+    """
+    rows = a.student_batch
+    steps = math.ceil(a.student_tokens / (rows * SEQ))
+    budget = steps * rows * SEQ
+    c_steps = math.ceil(a.correct_tokens / (rows * SEQ))
+    work = Path(tempfile.mkdtemp(prefix="bench-students-"))
+    teacher = pocketlm.load("smollm2-135m-instruct")
+    data = load_data(
+        CSV, teacher.tokenizer, seq_len=SEQ, format="instruction", held_out=0.1, split_seed=0
+    )
+    held = data.held_out.head(a.eval_rows)  # the curves and the final figures
+    st_data = Data(data.train.head(steps * rows), held, data.info)
+    fig: dict = {
+        "settings": {
+            "student_tokens_per_run": budget,
+            "student_steps": steps,
+            "batch_rows": rows,
+            "seq_len": SEQ,
+            "lr": a.student_lr,
+            "warmup_steps": max(1, steps // 10),
+            "cosine_floor_ratio": 0.1,
+            "kd_loss": "forward",
+            "kd_weight": a.kd_weight,
+            "temperature": 1.0,
+            "top_k": a.top_k,
+            "teacher_correction_tokens": c_steps * rows * SEQ,
+            "teacher_correction_lr": 1e-4,
+            "student": "from-teacher:10 (of 30 layers)",
+            "random_student": RANDOM_SPEC,
+            "split_seed": 0,
+            "held_out_fraction": 0.1,
+            "eval_rows": len(held),
+            "eval_target_tokens": held.n_targets,
+            "held_out_rows_available": len(data.held_out),
+            "threads": torch.get_num_threads(),
+            "nice": os.nice(0),
+            "train_seed": 0,
+        },
+        "data": data.info,
+        "load_average_start": os.getloadavg(),
+    }
+    say("students study:", fig["settings"])
+
+    def settings(steps: int, lr: float, eval_every: int) -> TrainSettings:
+        return TrainSettings(
+            steps=steps,
+            batch_size=rows,
+            lr=lr,
+            warmup_steps=max(1, steps // 10),
+            eval_every=eval_every,
+            eval_rows=a.eval_rows,
+            checkpoint_every=0,
+            seed=0,
+        )
+
+    fig["teacher_domain_ppl"] = ppl(teacher.network, held)
+    say("teacher held-out ppl", fig["teacher_domain_ppl"])
+    corrected = finetune(
+        pocketlm.load("smollm2-135m-instruct"),
+        Data(data.train.head(c_steps * rows), held, data.info),
+        work / "teacher-corrected",
+        settings(c_steps, 1e-4, 0),
+        eval_before=False,
+    )
+    fig["corrected_teacher_domain_ppl"] = ppl(corrected.network, held)
+    fig["teacher_correction_seconds"] = corrected.train_result.seconds
+    say("corrected teacher held-out ppl", fig["corrected_teacher_domain_ppl"])
+
+    runs = {}
+    cache = work / "teacher_cache.safetensors"
+    for name, spec, w in (
+        ("kd", "from-teacher:10", a.kd_weight),
+        ("ce", "from-teacher:10", 0.0),
+        ("random_ce", RANDOM_SPEC, 0.0),
+    ):
+        st = make_student(spec, teacher, seed=0)
+        t0 = time.perf_counter()
+        st = distill(
+            corrected,
+            st,
+            st_data,
+            work / f"st-{name}",
+            settings(steps, a.student_lr, max(1, steps // 8)),
+            loss="forward",
+            kd_weight=w,
+            temperature=1.0,
+            top_k=a.top_k if w else 0,
+            cache_path=cache,
+            eval_before=False,
+        )
+        r = st.train_result
+        runs[name] = r
+        fig[name] = {
+            "init": spec,
+            "kd_weight": w,
+            "domain_ppl": r.final["held_out_perplexity"],
+            "curve_tokens_ppl": [(e["tokens"], e["perplexity"]) for e in r.evals],
+            "train_tokens_per_s": r.tokens_per_s,
+            "train_seconds": r.seconds,
+            "wall_s_with_cache": time.perf_counter() - t0,
+            "load_average_after": os.getloadavg(),
+        }
+        say(name, fig[name])
+    if cache.exists():
+        fig["teacher_cache_bytes"] = cache.stat().st_size
+    plot_students(runs, fig, REPO / "bench" / "results" / "train_students.png", budget)
+    if a.quick:
+        return
+    previous = json.loads((REPO / "bench" / "results" / "train.json").read_text())
+    previous.pop("machine", None)
+    superseded = {
+        k: previous.pop(k) for k in ("students", "student_kd_full_softmax") if k in previous
+    }
+    if superseded:
+        previous["students_3k_tokens_superseded"] = superseded
+    previous.pop("teacher_cache_bytes", None)
+    previous["students"] = fig
+    write_results("train", previous)
+    report_students(fig)
+
+
+RANDOM_SPEC = "layers=10,dim=576,heads=9,kv_heads=3,hidden=1536"
+
+
+def plot_students(runs: dict, fig: dict, path: Path, budget: int) -> None:
+    """Held-out perplexity along the run for the three students, teachers as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {
+        "kd": f"KD (from-teacher:10, kd_weight {fig['kd']['kd_weight']})",
+        "ce": "CE only (from-teacher:10)",
+        "random_ce": "CE only (random init)",
+    }
+    f, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for i, (name, r) in enumerate(runs.items()):
+        ev = r.evals
+        left.plot(
+            [e["tokens"] for e in ev],
+            [e["perplexity"] for e in ev],
+            marker="o",
+            color=f"C{i}",
+            label=labels[name],
+        )
+        h = r.history
+        right.plot(
+            [p["tokens"] for p in h],
+            [p["ce"] for p in h],
+            color=f"C{i}",
+            lw=0.8,
+            alpha=0.7,
+            label=labels[name],
+        )
+    for y, lab, ls in (
+        (fig["teacher_domain_ppl"], "teacher (30 layers)", ":"),
+        (fig["corrected_teacher_domain_ppl"], "teacher after correction", "--"),
+    ):
+        left.axhline(y, color="gray", ls=ls, lw=1, label=f"{lab}: {y:.2f}")
+    left.set_yscale("log")
+    left.set_xlabel("training tokens")
+    left.set_ylabel(f"held-out perplexity ({fig['settings']['eval_rows']} rows)")
+    left.grid(alpha=0.3, which="both")
+    left.legend(fontsize=7)
+    right.set_ylim(top=min(8.0, right.get_ylim()[1]))
+    right.set_xlabel("training tokens")
+    right.set_ylabel("training cross-entropy (nats/token)")
+    right.grid(alpha=0.3)
+    right.legend(fontsize=7)
+    f.suptitle(f"10-of-30-layer students on bitext-customer-support, {budget:,} tokens each")
+    f.tight_layout()
+    f.savefig(path, dpi=110)
+    plt.close(f)
+
+
+def report_students(fig: dict) -> None:
+    s = fig["settings"]
+    rows = [
+        ["teacher (30 layers)", "", "", fig["teacher_domain_ppl"], "", ""],
+        [
+            "teacher after correction",
+            "full fine-tune",
+            f"{s['teacher_correction_tokens']:,}",
+            fig["corrected_teacher_domain_ppl"],
+            "",
+            "",
+        ],
+    ]
+    for name, label in (
+        ("kd", "student, KD"),
+        ("ce", "student, CE only"),
+        ("random_ce", "student, CE only, random init"),
+    ):
+        r = fig[name]
+        rows.append(
+            [
+                label,
+                r["init"],
+                f"{s['student_tokens_per_run']:,}",
+                r["domain_ppl"],
+                " / ".join(f"{p:.1f}" for _, p in r["curve_tokens_ppl"]),
+                r["train_tokens_per_s"],
+            ]
+        )
+    kd, ce, rnd = (fig[k]["domain_ppl"] for k in ("kd", "ce", "random_ce"))
+    intro = (
+        f"Same budget for every student: {s['student_tokens_per_run']:,} tokens "
+        f"({s['student_steps']} steps x {s['batch_rows']} rows x {s['seq_len']} tokens, the same "
+        f"rows in the same order), AdamW lr {s['lr']}, {s['warmup_steps']} warm-up steps, cosine "
+        f"to {s['cosine_floor_ratio']} x. KD: forward KL at T = {s['temperature']} against the "
+        f"teacher's cached top-{s['top_k']} log-probs, weight {s['kd_weight']} (+ "
+        f"{1 - s['kd_weight']:.1f} x CE). The teacher is first corrected on the domain (Minitron's "
+        f"teacher correction): a full fine-tune on the first "
+        f"{s['teacher_correction_tokens']:,} tokens of the same training rows, lr "
+        f"{s['teacher_correction_lr']}. Held-out = the first {s['eval_rows']} of the "
+        f"{s['held_out_rows_available']} held-out rows ({s['eval_target_tokens']:,} response "
+        "tokens; split seed 0), measured every budget/8 tokens (the curve column). "
+        f"{s['threads']} thread, `nice {s['nice']}`, shared machine (load average "
+        f"{fig['load_average_start'][0]:.1f} at the start), so tokens/s are not quiet-machine "
+        "figures."
+    )
+    outcome = (
+        f"KD vs CE only: {kd:.3f} vs {ce:.3f} ({100 * (kd / ce - 1):+.1f}%). From-teacher vs "
+        f"random init (CE only): {ce:.3f} vs {rnd:.3f} ({100 * (ce / rnd - 1):+.1f}%). Curves: "
+        "`bench/results/train_students.png`; figures: `bench/results/train.json` (`students`)."
+    )
+    body = [
+        intro,
+        "",
+        markdown_table(
+            ["model", "init", "train tokens", "held-out ppl", "curve (ppl)", "train tokens/s"],
+            rows,
+        ),
+        "",
+        outcome,
+    ]
+    append_section(
+        f"Distill: students at {s['student_tokens_per_run']:,} tokens "
+        "(bench/train.py --phases students)",
+        "\n".join(body),
+    )
+    print("\n".join(body))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=2048, help="fine-tuning tokens per run")
-    ap.add_argument("--student-tokens", type=int, default=3072, help="student tokens per run")
+    ap.add_argument("--student-tokens", type=int, default=65_536, help="student tokens per run")
+    ap.add_argument("--student-batch", type=int, default=4, help="student rows per step")
+    ap.add_argument("--student-lr", type=float, default=5e-4)
+    ap.add_argument(
+        "--correct-tokens", type=int, default=8192, help="teacher correction (fine-tune) tokens"
+    )
     ap.add_argument("--eval-rows", type=int, default=4, help="held-out rows per evaluation")
     ap.add_argument("--wiki-windows", type=int, default=4, help="WikiText-2 windows of SEQ tokens")
     ap.add_argument("--kd-weight", type=float, default=0.8)
     ap.add_argument("--top-k", type=int, default=64)
     ap.add_argument(
         "--phases",
-        default="students,lora,full,throughput",
-        help="which parts to run, in this order",
+        default="lora,full,throughput",
+        help="which parts to run, in this order; 'students' alone runs the student study",
     )
     ap.add_argument(
         "--limit-min",
@@ -171,15 +442,17 @@ def main() -> None:
         print(f"[{time.perf_counter() - t_zero:7.1f}s]", *args, flush=True)
 
     pocketlm.set_threads(int(os.environ.get("POCKETLM_THREADS", "0")) or None)
+    if a.phases == "students":
+        if a.quick:
+            a.student_tokens, a.correct_tokens, a.eval_rows = 4 * SEQ * 2, 4 * SEQ, 2
+        students_study(a, say)
+        return
     ft_steps = math.ceil(a.tokens / (BATCH * SEQ))
-    st_steps = math.ceil(a.student_tokens / (BATCH * SEQ))
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     figures: dict = {
         "settings": {
             "finetune_tokens_per_run": ft_steps * BATCH * SEQ,
             "finetune_steps": ft_steps,
-            "student_tokens_per_run": st_steps * BATCH * SEQ,
-            "student_steps": st_steps,
             "batch_rows": BATCH,
             "seq_len": SEQ,
             "split_seed": 0,
@@ -187,11 +460,6 @@ def main() -> None:
             "eval_rows": a.eval_rows,
             "wikitext2_windows": a.wiki_windows,
             "threads": torch.get_num_threads(),
-            "kd_weight": a.kd_weight,
-            "kd_loss": "forward",
-            "temperature": 1.0,
-            "top_k": a.top_k,
-            "student": "from-teacher:10 (of 30 layers)",
             "lora": "rank 16, alpha 32, q,k,v,o,gate,up,down",
             "train_seed": 0,
             "nice": os.nice(0),
@@ -201,11 +469,10 @@ def main() -> None:
         "phases_skipped": [],
     }
 
-    def save_partial():
-        if a.phases == "kd":  # merges into the earlier results at the end instead
-            return
+    def save_partial():  # keeps the student study's figures (--phases students)
         figures["wall_s"] = time.perf_counter() - t_zero
-        write_results("train", figures)
+        students = read_results("train", "students")
+        write_results("train", {**figures, **({"students": students} if students else {})})
 
     teacher = pocketlm.load("smollm2-135m-instruct")
     data = load_data(
@@ -215,7 +482,6 @@ def main() -> None:
     held = data.held_out.head(a.eval_rows)
     # Only the rows a budget reaches are kept, so the teacher cache covers exactly those.
     ft_data = Data(data.train.head(ft_steps * BATCH), held, data.info)
-    st_data = Data(data.train.head(st_steps * BATCH), held, data.info)
     wiki = wikitext_windows(teacher.tokenizer, a.wiki_windows)
     figures["settings"]["held_out_target_tokens"] = held.n_targets
 
@@ -262,55 +528,6 @@ def main() -> None:
         }
         say(name, figures[f"finetune_{name}"])
 
-    def students_phase() -> None:
-        students = figures.setdefault("students", {})
-        for name, spec, w in (
-            ("kd", "from-teacher:10", a.kd_weight),
-            ("ce", "from-teacher:10", 0.0),
-            ("random_ce", "layers=10,dim=576,heads=9,kv_heads=3,hidden=1536", 0.0),
-        ):
-            st = make_student(spec, teacher, seed=0)
-            before = ppl(st.network, held)
-            st = distill(
-                teacher,
-                st,
-                st_data,
-                work / f"st-{name}",
-                settings(1e-3, st_steps),
-                loss="forward",
-                kd_weight=w,
-                temperature=1.0,
-                top_k=a.top_k if w else 0,
-                cache_path=work / "teacher_cache.safetensors",
-                eval_before=False,
-            )
-            r = st.train_result
-            runs[f"student {name}"] = r
-            tp[f"student_{name}"] = r.tokens_per_s
-            students[name] = {
-                "init": spec,
-                "kd_weight": w,
-                "domain_ppl_before": before,
-                "domain_ppl_after": r.final["held_out_perplexity"],
-                "curve": [(e["tokens"], e["perplexity"]) for e in r.evals],
-                "train_tokens_per_s": r.tokens_per_s,
-                "seconds": r.seconds,
-            }
-            say(name, students[name])
-            save_partial()
-        cache = work / "teacher_cache.safetensors"
-        if cache.exists():
-            figures["teacher_cache_bytes"] = cache.stat().st_size
-        plot_curves(
-            {
-                "KD (from-teacher:10)": runs["student kd"],
-                "CE only (from-teacher:10)": runs["student ce"],
-                "CE only (random init)": runs["student random_ce"],
-            },
-            REPO / "bench" / "results" / "train_students.png",
-            f"10-layer students on bitext, {st_steps * BATCH * SEQ} tokens each",
-        )
-
     def throughput_phase() -> None:
         peer = hf_peer_tokens_per_s(teacher, steps=2)
         if peer:
@@ -322,59 +539,7 @@ def main() -> None:
             tp["student_torchrun_2proc"] = tr["tokens_per_s"]
         say("torchrun", tr)
 
-    def kd_phase() -> None:
-        # re-measure only the KD student (after a change to the top-k forward-KL loss); the
-        # CE-only and random-init students do not depend on it and keep their figures
-        st = make_student("from-teacher:10", teacher, seed=0)
-        st = distill(
-            teacher,
-            st,
-            st_data,
-            work / "st-kd2",
-            settings(1e-3, st_steps),
-            loss="forward",
-            kd_weight=a.kd_weight,
-            temperature=1.0,
-            top_k=a.top_k,
-            cache_path=work / "teacher_cache.safetensors",
-            eval_before=False,
-        )
-        r = st.train_result
-        figures["student_kd_full_softmax"] = {
-            "init": "from-teacher:10",
-            "kd_weight": a.kd_weight,
-            "domain_ppl_after": r.final["held_out_perplexity"],
-            "curve": [(e["tokens"], e["perplexity"]) for e in r.evals],
-            "train_tokens_per_s": r.tokens_per_s,
-            "seconds": r.seconds,
-        }
-        say("kd (full-softmax student)", figures["student_kd_full_softmax"])
-
-    if a.phases == "kd":  # an addition to an earlier full run: merge into its results
-        previous = json.loads((REPO / "bench" / "results" / "train.json").read_text())
-        kd_phase()
-        previous["student_kd_full_softmax"] = figures["student_kd_full_softmax"]
-        previous["student_kd_full_softmax"]["settings"] = figures["settings"]
-        previous.pop("machine", None)
-        write_results("train", previous)
-        f, ce = previous["student_kd_full_softmax"], previous["students"]["ce"]
-        append_section(
-            "Distill: KD student re-measured (bench/train.py --phases kd)",
-            (
-                f"Forward KL against the teacher's top-{a.top_k} cache now uses the student's "
-                "full-vocabulary log-probs at the teacher's ids (before: renormalised over the k ids, "
-                "which left the student's mass outside the top-k unpenalised). Same rows, seed and "
-                f"budget ({st_steps * BATCH * SEQ:,} tokens) as the section above. Held-out domain "
-                f"perplexity: KD (kd_weight {a.kd_weight}) {f['domain_ppl_after']:.1f} (first loss: "
-                f"{previous['students']['kd']['domain_ppl_after']:.1f}); CE only "
-                f"{ce['domain_ppl_after']:.1f}; random init CE "
-                f"{previous['students']['random_ce']['domain_ppl_after']:.1f}."
-            ),
-        )
-        return
-
     phases = {
-        "students": students_phase,
         "lora": lambda: finetune_phase("lora", {"lora_rank": 16, "merge": True}, 1e-3),
         "full": lambda: finetune_phase("full", {}, 1e-4),
         "throughput": throughput_phase,
@@ -387,20 +552,18 @@ def main() -> None:
         phases[name]()
         figures["phases_done"].append(name)
         save_partial()
-    report(figures, a, ft_steps, st_steps, held.n_targets)
+    report(figures, a, ft_steps, held.n_targets)
 
 
-def report(figures: dict, a, ft_steps: int, st_steps: int, held_targets: int) -> None:
+def report(figures: dict, a, ft_steps: int, held_targets: int) -> None:
     tp, t = figures["train_tokens_per_s"], figures["teacher"]
     body = [
         f"Budgets, reduced because the 2 cores were shared by ~6 engineers (this script ran at "
         f"`nice {figures['settings']['nice']}` beside them): fine-tuning "
-        f"{ft_steps * BATCH * SEQ:,} tokens per run, students {st_steps * BATCH * SEQ:,} tokens "
-        f"per run ({BATCH} rows x {SEQ} tokens per step). Domain = bitext-customer-support, "
+        f"{ft_steps * BATCH * SEQ:,} tokens per run ({BATCH} rows x {SEQ} tokens per step). Domain = bitext-customer-support, "
         f"90/10 split by seed 0; held-out perplexity on the responses of the first "
         f"{a.eval_rows} held-out rows ({held_targets} target tokens); WikiText-2 drift on "
-        f"{a.wiki_windows} windows of {SEQ} tokens. KD: forward KL, weight {a.kd_weight}, "
-        f"T = 1, teacher top-{a.top_k} cache. Phases run: {', '.join(figures['phases_done'])}"
+        f"{a.wiki_windows} windows of {SEQ} tokens. Phases run: {', '.join(figures['phases_done'])}"
         + (
             f"; not run (time): {', '.join(figures['phases_skipped'])}"
             if figures["phases_skipped"]
@@ -423,17 +586,6 @@ def report(figures: dict, a, ft_steps: int, st_steps: int, held_targets: int) ->
                     f["train_tokens_per_s"],
                 ]
             )
-    for k, v in figures.get("students", {}).items():
-        rows.append(
-            [
-                f"student {k} ({v['init']}, kd_weight {v['kd_weight']})",
-                v["domain_ppl_before"],
-                v["domain_ppl_after"],
-                "",
-                "",
-                v["train_tokens_per_s"],
-            ]
-        )
     body.append(
         markdown_table(
             [
@@ -451,7 +603,7 @@ def report(figures: dict, a, ft_steps: int, st_steps: int, held_targets: int) ->
         "",
         (
             f"Teacher: domain held-out ppl {t['domain_ppl']:.3f}, WikiText-2 ppl "
-            f"{t['wikitext2_ppl']}. Student curves: `bench/results/train_students.png`."
+            f"{t['wikitext2_ppl']}."
         ),
         "",
     ]
