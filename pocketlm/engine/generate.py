@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from pocketlm.engine import fused
 from pocketlm.engine.sampling import SamplingParams, apply_repetition_penalty, sample
 from pocketlm.errors import ContextOverflow, InvalidArgument
 from pocketlm.model.tokenizer import Tokenizer
@@ -54,7 +55,13 @@ def prefill(model: Transformer, cache: KVCache, row: int, ids: list[int], start:
 def decode_step(
     model: Transformer, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor:
-    """One new token for each of the first B cache rows: tokens, positions (B,) -> logits (B, V)."""
+    """One new token for each of the first B cache rows: tokens, positions (B,) -> logits (B, V).
+
+    The fused C++ step (``engine/fused.py``) when it covers this model, else the PyTorch path.
+    """
+    logits = fused.decode(model, cache, tokens, positions)
+    if logits is not None:
+        return logits
     return model(tokens[:, None], positions[:, None], cache, rows=slice(0, tokens.shape[0]))[:, 0]
 
 

@@ -1,20 +1,35 @@
-"""The AVX2/FMA quantized matrix-vector kernel, compiled on first use with the machine's g++.
+"""Our CPU kernels (AVX2/FMA), compiled on first use with the machine's g++.
 
-``build()`` JIT-compiles ``qgemv.cpp`` through ``torch.utils.cpp_extension.load`` into
+- ``qgemv.cpp``: quantized and dense fp32 matrix-vector products for a few rows;
+- ``decode.cpp``: a whole decode step (every layer) in one call, ``DecodePlan``;
+- ``kernels.h``: the SIMD pieces they share.
+
+``build()`` JIT-compiles them through ``torch.utils.cpp_extension.load`` into
 ``$POCKETLM_HOME/kernels`` (default ``~/.cache/pocketlm/kernels``) with -O3 -mavx2 -mfma
--mf16c -fopenmp; later processes reuse the cached build. It returns None (and callers use the
+-mf16c -fopenmp; later processes reuse the cached build. The extension's name carries a hash
+of the sources (header included), so an edited kernel is never served stale. It returns None (and callers use the
 pure-PyTorch fallback) when the CPU lacks AVX2/FMA/F16C, when POCKETLM_NO_KERNEL=1, or when
 compilation fails; the reason is logged once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("qgemv.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "qgemv.cpp", HERE / "decode.cpp"]
+HEADERS = [HERE / "kernels.h"]
+
+
+def _name() -> str:
+    digest = hashlib.sha256()
+    for p in SOURCES + HEADERS:
+        digest.update(p.read_bytes())
+    return f"pocketlm_kernels_{digest.hexdigest()[:12]}"
 
 
 def _cpu_ok() -> bool:
@@ -34,7 +49,7 @@ def build_dir() -> Path:
 
 
 def build():
-    """The compiled extension module (functions ``qgemv`` and ``dequantize``), or None."""
+    """The compiled extension (``qgemv``, ``gemv_f32``, ``dequantize``, ``DecodePlan``), or None."""
     if os.environ.get("POCKETLM_NO_KERNEL"):
         return None
     if not _cpu_ok():
@@ -43,11 +58,12 @@ def build():
     try:
         from torch.utils.cpp_extension import load
 
-        d = build_dir()
+        name = _name()
+        d = build_dir() / name  # one folder a version: builds never share a build.ninja
         d.mkdir(parents=True, exist_ok=True)
         return load(
-            name="pocketlm_qgemv",
-            sources=[str(SOURCE)],
+            name=name,
+            sources=[str(p) for p in SOURCES],
             build_directory=str(d),
             extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
             extra_ldflags=["-fopenmp"],

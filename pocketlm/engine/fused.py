@@ -1,0 +1,147 @@
+"""The fused decode step: every layer of a one-token-per-sequence step in one C++ call.
+
+A decode step of a small model is ~200 matrix-vector products and ~30 small ops per layer.
+Dispatched one by one from Python, the overhead (~7,600 dispatcher calls and an OpenMP wake-up
+per product) costs as much as streaming the weights. ``DecodePlan`` in
+``kernels/decode.cpp`` runs the same maths as ``model/transformer.py`` with the threads kept
+up for the whole step, reading fp32 or packed int8/int4 weights in place.
+
+``decode(model, cache, tokens, positions)`` returns the logits, or None when this model or
+call is not one the plan covers, and the caller takes the plain PyTorch path:
+- the kernel could not be built, or ``POCKETLM_FUSED=0``;
+- gradients are wanted, or a layer is not a plain fp32 Linear or a packed int8/int4/int3
+  QLinear (e.g. LoRA adapters), or the model has hooks;
+- more than 8 sequences, a non-fp32 cache, or a position beyond the cache.
+The plan holds the weight tensors it was built from; when any of them is replaced (training,
+LoRA merge, a module swap) it is rebuilt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from torch import nn
+
+from pocketlm.model.transformer import KVCache, Transformer
+
+log = logging.getLogger(__name__)
+MAX_ROWS = 8
+_DENSE = (nn.Linear,)  # and subclasses that only change forward (GemvLinear)
+
+
+def enabled() -> bool:
+    return os.environ.get("POCKETLM_FUSED", "1") != "0"
+
+
+def _kernel():
+    from pocketlm.engine.fastlinear import _kernel as k
+
+    return k()
+
+
+def _weight_spec(module: nn.Module):
+    """(tensors, [bits, K, group size], identity) for one linear layer, or None if unsupported."""
+    from pocketlm.compress.qlinear import QLinear, TiedQLinear
+
+    if isinstance(module, TiedQLinear):
+        module = module.embedding
+    if isinstance(module, QLinear) or type(module).__name__ == "QEmbedding":
+        if module.compute_dtype != torch.float32 or module.bits not in (3, 4, 8):
+            return None
+        codes = module.kernel_codes()
+        bits = 8 if module.bits == 3 else module.bits
+        return [codes, module.scales, module.zeros], [bits, module.kp, module.group_size], codes
+    if isinstance(module, _DENSE) and module.__class__.forward in (nn.Linear.forward, _gemv_forward()):
+        w = module.weight
+        if module.bias is not None or w.dtype != torch.float32 or not w.is_contiguous():
+            return None
+        return [w], [32, w.shape[1], 0], w
+    return None
+
+
+def _gemv_forward():
+    from pocketlm.engine.fastlinear import GemvLinear
+
+    return GemvLinear.forward
+
+
+def _linears(model: Transformer) -> list[nn.Module]:
+    out = []
+    for layer in model.layers:
+        a, m = layer.self_attn, layer.mlp
+        out += [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
+    return out + [model.lm_head]
+
+
+def _norms(model: Transformer) -> list[torch.Tensor]:
+    out = []
+    for layer in model.layers:
+        out += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+    return out + [model.norm.weight]
+
+
+class _Plan:
+    def __init__(self, model: Transformer, ext):
+        specs = [_weight_spec(m) for m in _linears(model)]
+        norms = _norms(model)
+        self.ok = all(s is not None for s in specs) and all(
+            n.dtype == torch.float32 and n.is_contiguous() for n in norms)
+        self.identity = [s[2] if s else None for s in specs] + list(norms)
+        self.plan = None
+        if self.ok:
+            try:
+                self.plan = ext.DecodePlan(
+                    [n.detach() for n in norms], [[t.detach() for t in s[0]] for s in specs],
+                    [s[1] for s in specs], model.rope_cos, model.rope_sin,
+                    float(model.config.norm_eps))
+            except RuntimeError as e:  # shapes the plan does not cover: the PyTorch path
+                log.info("fused decode unavailable for this model: %s", str(e).splitlines()[0])
+                self.ok = False
+
+    def current(self, model: Transformer) -> bool:
+        now = [_identity(m) for m in _linears(model)] + _norms(model)
+        return len(now) == len(self.identity) and all(a is b for a, b in zip(now, self.identity))
+
+
+def _identity(module: nn.Module):
+    from pocketlm.compress.qlinear import TiedQLinear
+
+    if isinstance(module, TiedQLinear):
+        module = module.embedding
+    return module.kernel_codes() if hasattr(module, "qweight") else getattr(module, "weight", module)
+
+
+def plan_for(model: Transformer) -> _Plan | None:
+    """The model's decode plan (built on first use, rebuilt when its weights change)."""
+    if not enabled() or not isinstance(model, Transformer):
+        return None
+    ext = _kernel()
+    if ext is None or not hasattr(ext, "DecodePlan"):
+        return None
+    plan = model.__dict__.get("_decode_plan")
+    if plan is None or not plan.current(model):
+        plan = _Plan(model, ext)
+        model.__dict__["_decode_plan"] = plan
+    return plan if plan.ok else None
+
+
+def decode(
+    model: Transformer, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor | None:
+    """Logits (B, V) for one new token in each of the first B cache rows, or None (see above)."""
+    B = tokens.shape[0]
+    if B > MAX_ROWS or cache.k[0].dtype != torch.float32 or int(positions.max()) >= cache.max_seq_len:
+        return None
+    if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        return None
+    if model._forward_hooks or model._forward_pre_hooks:
+        return None
+    plan = plan_for(model)
+    if plan is None:
+        return None
+    x = model.embed_tokens(tokens.reshape(B))
+    if x.dtype != torch.float32:
+        return None
+    return plan.plan.step(x.contiguous(), positions.reshape(B).to(torch.long), cache.k, cache.v, 0)
