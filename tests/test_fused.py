@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from tiny import make_tiny_model
 
 from pocketlm.compress.quantize import quantize
 from pocketlm.engine import fused
 from pocketlm.engine.generate import decode_step
 from pocketlm.model.transformer import KVCache
-from tiny import make_tiny_model
 
 pytestmark = pytest.mark.skipif(fused.plan_for(make_tiny_model().network) is None,
                                 reason="the C++ kernels cannot be built on this machine")
