@@ -123,9 +123,9 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, T, D)
         cos: torch.Tensor,  # (B, 1, T, E)
         sin: torch.Tensor,
-        mask: torch.Tensor,  # (B, 1, T, L) bool, True = may attend
+        mask: torch.Tensor | None,  # (B, 1, T, L) bool, True = may attend; None = plain causal
         cache: tuple[torch.Tensor, torch.Tensor] | None,  # each (B, K, S, E)
-        write_index: torch.Tensor | None,  # (B, K, T, E) positions to write, expanded
+        write_index: torch.Tensor | slice | None,  # (B, K, T, E) positions, or one slice for all
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
@@ -134,14 +134,22 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k_cache, v_cache = cache
-            k_cache.scatter_(2, write_index, k.to(k_cache.dtype))
-            v_cache.scatter_(2, write_index, v.to(v_cache.dtype))
-            L = mask.shape[-1]
+            if isinstance(write_index, slice):  # the same run of positions in every row
+                k_cache[:, :, write_index] = k.to(k_cache.dtype)
+                v_cache[:, :, write_index] = v.to(v_cache.dtype)
+                L = write_index.stop
+            else:
+                k_cache.scatter_(2, write_index, k.to(k_cache.dtype))
+                v_cache.scatter_(2, write_index, v.to(v_cache.dtype))
+                L = mask.shape[-1]
             k, v = k_cache[:, :, :L].to(q.dtype), v_cache[:, :, :L].to(q.dtype)  # (B, K, L, E)
         if T <= SMALL_QUERY:
+            if mask is None:
+                mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
             y = grouped_attention(q, k, v, mask)
         else:  # long queries (prefill): the fused kernel, which never builds (T, L) per head
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, E) -> (B, T, H*E)
 
 
@@ -212,18 +220,22 @@ class Transformer(nn.Module):
         cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, E)
         sin = self.rope_sin[positions].unsqueeze(1)
         x = self.embed_tokens(tokens)  # (B, T, D)
-        if cache is None:
-            key_pos = positions[:, None, :]  # attend within this call only, causally
+        if cache is None:  # attend within this call only, causally
             layer_caches = [None] * len(self.layers)
-            write_index = None
+            write_index, mask = None, None
         else:
             L = int(positions.max()) + 1
-            key_pos = torch.arange(L)[None, None, :]
             rows = rows if rows is not None else slice(0, B)
             layer_caches = [(k[rows], v[rows]) for k, v in zip(cache.k, cache.v)]
-            E = self.config.head_dim
-            write_index = positions[:, None, :, None].expand(B, self.config.n_kv_heads, T, E)
-        mask = (key_pos <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, L)
+            first = positions[:, 0]
+            if bool((first == first[0]).all()) and L - int(first[0]) == T:
+                # every row writes the same run of positions (a prompt, a verified draft)
+                write_index = slice(L - T, L)
+            else:
+                E = self.config.head_dim
+                write_index = positions[:, None, :, None].expand(B, self.config.n_kv_heads, T, E)
+            # a prompt from position 0 attends plainly causally: the fused kernel's fast case
+            mask = None if L == T else (torch.arange(L)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
         for layer, layer_cache in zip(self.layers, layer_caches):
             x = layer(x, cos, sin, mask, layer_cache, write_index)
         return self.norm(x)
