@@ -68,6 +68,20 @@ def test_asymmetric_zero_point_is_exact():
     assert (q.dequantize() - w).abs().max() < (rtn(w, Grid(4, 32, True)).dequantize() - w).abs().max()
 
 
+@pytest.mark.parametrize("bits,sym", [(4, True), (4, False), (3, True), (3, False)])
+def test_clip_search_never_rounds_a_group_worse_than_min_max(bits, sym):
+    torch.manual_seed(0)
+    w = torch.randn(64, 128) * torch.rand(64, 1)
+    w[::4, 7] = 4 * w[::4].abs().amax(1)  # every fourth row has one outlier: clipping pays
+    plain = ((rtn(w, Grid(bits, 128, sym)).dequantize() - w) ** 2).sum(1)
+    clipped = ((rtn(w, Grid(bits, 128, sym, clip=True)).dequantize() - w) ** 2).sum(1)
+    assert (clipped <= plain).all()
+    if sym:  # min/max spends half of a symmetric grid's codes on the outlier's unused side
+        assert (clipped[::4] < 0.9 * plain[::4]).all()
+    else:
+        assert (clipped[::4] < plain[::4]).any()
+
+
 # -- GPTQ and AWQ against RTN ------------------------------------------------------------------
 def _correlated_inputs(n, k, seed=0):
     mix = torch.randn(k, k, generator=torch.Generator().manual_seed(123)) / k**0.5
@@ -76,6 +90,7 @@ def _correlated_inputs(n, k, seed=0):
 
 
 @pytest.mark.parametrize("grid", [Grid(4, 64, True), Grid(4, 64, False), Grid(3, 32, True),
+                                  Grid(3, 32, False), Grid(4, 64, False, clip=True),
                                   Grid(8, 0, True)])
 @pytest.mark.parametrize("act_order", [False, True])
 def test_gptq_reconstructs_layer_outputs_better_than_rtn(grid, act_order):
@@ -122,10 +137,24 @@ def test_kernel_matches_the_fallback(bits, n, k, gs, rows):
     torch.manual_seed(n * k + rows)
     lin = to_module(rtn(torch.randn(n, k), Grid(bits, gs, bits != 3)))
     x = torch.randn(2, rows, k)
-    expected = torch.nn.functional.linear(x.double(), lin.dequantize().double())
+    w = lin.dequantize().double()
+    exact = torch.nn.functional.linear(x.double(), w)
+    # Up to GEMV_MAX_ROWS rows the 4/3-bit kernel rounds activations to int8 per block of 32.
+    kernel_input = act_round(x, lin.kp) if 2 * rows <= qlinear.GEMV_MAX_ROWS and bits < 8 else x
+    expected = torch.nn.functional.linear(kernel_input.double(), w)
     got = lin(x)
     assert got.shape == (2, rows, n)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4 * k**0.5)
+    assert (got.double() - exact).abs().max() <= 0.02 * exact.abs().max()  # rounding costs ~0.5%
+
+
+def act_round(x: torch.Tensor, kp: int) -> torch.Tensor:
+    """The kernel's activation rounding: int8, one scale (max |x| / 127) per block of 32 columns."""
+    k = x.shape[-1]
+    xb = torch.nn.functional.pad(x, (0, kp - k)).reshape(*x.shape[:-1], kp // 32, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    inv = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+    return (torch.round(xb * inv) * d).reshape(*x.shape[:-1], kp)[..., :k]
 
 
 def test_fallback_is_used_and_named_when_the_kernel_is_off(monkeypatch):

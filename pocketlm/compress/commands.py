@@ -32,10 +32,13 @@ def register(subparsers) -> None:
                    help="input columns sharing one scale: 32, 64, 128, 256, or 0 for one per "
                         "output channel (default: 0 for 8 bits, 128 otherwise)")
     sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=True,
-                     help="symmetric grid, zero point fixed (default)")
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None,
+                     help="symmetric grid, zero point fixed (default for rtn and awq)")
     sym.add_argument("--asym", dest="sym", action="store_false",
-                     help="asymmetric grid: a stored zero point per group")
+                     help="asymmetric grid: a stored zero point per group (default for gptq)")
+    p.add_argument("--clip", action="store_true",
+                   help="search each group's range for the least rounding error instead of "
+                        "plain min/max")
     p.add_argument("--keep", default="",
                    help="comma-separated parts to keep in float: embeddings,lm_head")
     g = p.add_argument_group("calibration (gptq, awq)")
@@ -44,8 +47,12 @@ def register(subparsers) -> None:
     g.add_argument("--samples", type=int, default=64, help="calibration windows (64)")
     g.add_argument("--seq-len", type=int, default=512, help="tokens per window (512)")
     g.add_argument("--seed", type=int, default=0, help="seed for picking the windows (0)")
-    g.add_argument("--act-order", action="store_true",
-                   help="gptq: quantize the most active input columns first")
+    order = g.add_mutually_exclusive_group()
+    order.add_argument("--act-order", dest="act_order", action="store_true", default=None,
+                       help="gptq: quantize the most active input columns first, with group "
+                            "grids fixed up front (default)")
+    order.add_argument("--no-act-order", dest="act_order", action="store_false",
+                       help="gptq: quantize columns left to right")
     g.add_argument("--damp", type=float, default=0.01,
                    help="gptq: Hessian damping, as a fraction of its mean diagonal (0.01)")
     p.add_argument("--threads", type=int, default=None,
@@ -68,7 +75,8 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     checkpoint = out.parent / (out.name + ".partial")
     try:
         q = quantize(model, a.method, a.bits, group, a.sym, keep, a.calibration, a.samples,
-                     a.seq_len, a.seed, a.act_order, a.damp, checkpoint_dir=str(checkpoint))
+                     a.seq_len, a.seed, a.act_order, a.damp, a.clip,
+                     checkpoint_dir=str(checkpoint))
     except KeyboardInterrupt:
         if checkpoint.is_dir():
             print(f"finished layers are saved in {checkpoint}; run the same command again to "

@@ -38,6 +38,9 @@ from pocketlm.compress.quantize import (
 
 log = logging.getLogger(__name__)
 
+# Linears whose outputs at the attention-sink token (a window's first) reach every query.
+SINK_LINEARS = ("self_attn.k_proj", "self_attn.v_proj")
+
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, grid: Grid, act_order: bool = False,
                   damp: float = 0.01, block: int = 128) -> Quantized:
@@ -185,9 +188,18 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
 
 def gptq_network(network, batch: torch.Tensor, grid: Grid, act_order: bool = False,
-                 damp: float = 0.01, checkpoint_dir=None, progress: bool = True) -> dict:
-    """GPTQ every decoder-block Linear of ``network`` in place; returns summary figures."""
-    key = {"method": "gptq", **grid.spec(), "act_order": act_order, "damp": damp,
+                 damp: float = 0.01, checkpoint_dir=None, progress: bool = True,
+                 sink_weight: float | None = None, sink_names: tuple[str, ...] = SINK_LINEARS
+                 ) -> dict:
+    """GPTQ every decoder-block Linear of ``network`` in place; returns summary figures.
+
+    ``sink_weight`` (default: the window length) is how much the first token of each
+    calibration window counts in the Hessians of ``sink_names`` (see ``_collect_hessians``).
+    """
+    if sink_weight is None:
+        sink_weight = float(batch.shape[1])
+    key = {"method": "gptq", **grid.spec(), "clip": grid.clip, "act_order": act_order, "damp": damp,
+           "sink_weight": sink_weight, "sink_names": list(sink_names),
            "batch": hashlib.sha256(batch.numpy().tobytes()).hexdigest()}
     walk = Layerwise(network, batch, key, checkpoint_dir)
     start = walk.resume(grid)
@@ -195,7 +207,7 @@ def gptq_network(network, batch: torch.Tensor, grid: Grid, act_order: bool = Fal
         bar.update(start)
         for i in range(start, len(network.layers)):
             block = network.layers[i]
-            hessians = _collect_hessians(block, walk)
+            hessians = _collect_hessians(block, walk, sink_weight, sink_names)
             for name in LINEARS:
                 lin = block.get_submodule(name)
                 q = gptq_quantize(lin.weight.data, hessians[name], grid, act_order, damp)
@@ -207,14 +219,26 @@ def gptq_network(network, batch: torch.Tensor, grid: Grid, act_order: bool = Fal
     return {"layers": len(network.layers)}
 
 
-def _collect_hessians(block: nn.Module, walk: Layerwise) -> dict[str, torch.Tensor]:
-    """2 X^T X / n for the input X of every Linear in ``block``, from one float pass."""
+def _collect_hessians(block: nn.Module, walk: Layerwise, sink_weight: float = 1.0,
+                      sink_names: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """2 X^T X / n for the input X of every Linear in ``block``, from one float pass.
+
+    For the Linears in ``sink_names`` the first token of each window counts ``sink_weight``
+    times: that token is the attention sink, which most queries attend to, so an error in its
+    key or value reaches almost every output. Counted once among L tokens, it is a direction
+    GPTQ is free to push rounding error into (on SmolLM2-135M, v_proj by GPTQ cost +28%
+    perplexity where RTN cost +3.5%; weighted by L, +0%).
+    """
     hs: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     hooks = []
     for name in LINEARS:
         def hook(mod, args, _out, name=name):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            x = args[0].float()  # (B, L, K)
+            if name in sink_names and sink_weight != 1.0:
+                x = x.clone()
+                x[:, 0] *= sink_weight ** 0.5
+            x = x.reshape(-1, x.shape[-1])
             h = (x.T @ x).double()
             hs[name] = hs.get(name, 0) + h
             counts[name] = counts.get(name, 0) + x.shape[0]

@@ -40,11 +40,17 @@ LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 
 @dataclass(frozen=True)
 class Grid:
-    """One quantization grid: bit width, group size (0 = per row) and symmetry."""
+    """One quantization grid: bit width, group size (0 = per row) and symmetry.
+
+    ``clip``: fit each group's range by searching shrink factors of its min/max for the least
+    squared rounding error (``grid_params``) instead of taking min/max as they are. It changes
+    how scales are chosen, not the stored format, so it is not part of ``spec()``.
+    """
 
     bits: int
     group_size: int = 128
     sym: bool = True
+    clip: bool = False
 
     @property
     def qmax(self) -> int:
@@ -54,15 +60,41 @@ class Grid:
         return {"bits": self.bits, "group_size": self.group_size, "sym": self.sym}
 
 
+CLIP_SHRINKS = [1 - i / 40 for i in range(21)]  # 1.0, 0.975, ..., 0.5 of the min/max range
+
+
 def grid_params(w: torch.Tensor, grid: Grid) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (fp16) and zero point (uint8) for each row of ``w`` (N, k): each (N,)."""
+    """Scale (fp16) and zero point (uint8) for each row of ``w`` (N, k): each (N,).
+
+    With ``grid.clip`` every row tries its range shrunk by each factor in ``CLIP_SHRINKS``
+    and keeps the one whose rounding error sum((w - deq)^2) is least. Factor 1.0 is plain
+    min/max and wins ties, so the search never does worse than min/max on ``w``.
+    """
     w = w.float()
+    if not grid.clip:
+        return _min_max_params(w, grid, 1.0)
+    best_s, best_z, best_err = None, None, None
+    for p in CLIP_SHRINKS:
+        s, z = _min_max_params(w, grid, p)
+        err = ((quantize_cols(w, s, z, grid.qmax)[1] - w) ** 2).sum(dim=1)
+        if best_err is None:
+            best_s, best_z, best_err = s, z, err
+            continue
+        better = err < best_err
+        best_s = torch.where(better, s, best_s)
+        best_z = torch.where(better, z, best_z)
+        best_err = torch.where(better, err, best_err)
+    return best_s, best_z
+
+
+def _min_max_params(w: torch.Tensor, grid: Grid, shrink: float):
     if grid.sym:
-        amax = w.abs().amax(dim=1)
+        amax = w.abs().amax(dim=1) * shrink
         s = amax / ((1 << (grid.bits - 1)) - 1)
         z = torch.full_like(s, 1 << (grid.bits - 1))
     else:
-        lo, hi = w.amin(dim=1).clamp(max=0), w.amax(dim=1).clamp(min=0)
+        lo = w.amin(dim=1).clamp(max=0) * shrink
+        hi = w.amax(dim=1).clamp(min=0) * shrink
         s = (hi - lo) / grid.qmax
     s = torch.where(s > 0, s, torch.ones_like(s)).to(torch.float16)
     s = torch.where(s.float() > 0, s, torch.full_like(s, 2**-24))  # fp16 underflow
@@ -162,15 +194,18 @@ def linear_names(network) -> list[str]:
 
 
 def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None = None,
-             sym: bool = True, keep: tuple[str, ...] | list[str] = (),
+             sym: bool | None = None, keep: tuple[str, ...] | list[str] = (),
              calibration: str | None = None, samples: int = 64, seq_len: int = 512,
-             seed: int = 0, act_order: bool = False, damp: float = 0.01,
-             checkpoint_dir: str | None = None, progress: bool = True):
+             seed: int = 0, act_order: bool | None = None, damp: float = 0.01,
+             clip: bool = False, checkpoint_dir: str | None = None, progress: bool = True):
     """A quantized copy of ``model`` (a ``pocketlm.Model``); the original is left as it was.
 
-    ``group_size`` None means per-channel for 8 bits and 128 otherwise. ``calibration`` is a
-    text file for GPTQ/AWQ (default WikiText-2 validation). ``checkpoint_dir`` lets an
-    interrupted GPTQ/AWQ run resume from its last finished layer. Raises InvalidArgument for
+    ``group_size`` None means per-channel for 8 bits and 128 otherwise. ``sym`` and
+    ``act_order`` None mean the method's best-measured default: GPTQ uses an asymmetric grid
+    and activation order (with static groups); RTN and AWQ a symmetric grid. ``clip`` searches
+    each group's range for the least rounding error instead of plain min/max (``grid_params``).
+    ``calibration`` is a text file for GPTQ/AWQ (default WikiText-2 validation).
+    ``checkpoint_dir`` lets an interrupted GPTQ/AWQ run resume from its last finished layer. Raises InvalidArgument for
     unsupported settings or calibration data, UnsupportedModel for an already-quantized model.
     """
     from pocketlm.api import Model
@@ -183,7 +218,11 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
         raise UnsupportedModel(
             "this model is already quantized; quantize the float original instead (load the "
             "source model, e.g. smollm2-135m-instruct, not the quantized folder)")
-    grid = Grid(bits, group_size, sym)
+    if sym is None:
+        sym = method != "gptq"
+    if act_order is None:
+        act_order = method == "gptq"
+    grid = Grid(bits, group_size, sym, clip)
     network = copy.deepcopy(model.network)
     t0 = time.perf_counter()
     calib_info = None
@@ -212,6 +251,8 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
                "group_size": group_size, "sym": sym, "keep": list(keep), "modules": modules}
     if method == "gptq":
         qconfig.update(act_order=act_order, damp=damp)
+    if clip:
+        qconfig.update(clip=True)
     network.quantization_config = qconfig
     card = copy.deepcopy(model.card)
     settings = {k: v for k, v in qconfig.items() if k not in ("modules", "quant_method", "format")}
