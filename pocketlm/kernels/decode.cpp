@@ -32,7 +32,8 @@ using namespace pocketlm;
 
 constexpr int64_t MAX_ROWS = 8;
 
-// A weight (N outputs, K inputs): dense fp32, or packed codes with bits 8 or 4.
+// A weight (N outputs, K inputs): dense fp32, or codes with bits 8, 4 or 3 (3-bit codes
+// unpacked to one byte each).
 struct Lin {
   int bits = 32;
   const float* w = nullptr;
@@ -48,8 +49,15 @@ struct Layer {
   int64_t H = 0, KV = 0, F = 0;  // per layer: structured pruning may narrow some layers
 };
 
-// Rows [n0, n1) of y (B, N) = x (B, K) @ W^T. xsum: per-group sums of x (B, G), quantized only.
-void lin_rows(const Lin& L, const float* x, int64_t B, const float* xsum, float* y,
+// Per-thread scratch for quantized products: the input rows rounded to int8 (4/3-bit codes)
+// and per-group sums of the input (all codes).
+struct ActScratch {
+  std::vector<int8_t> xq;
+  std::vector<float> d, bsum, gsum;
+};
+
+// Rows [n0, n1) of y (B, N) = x (B, K) @ W^T; 4/3-bit weights read the int8 rows in A.
+void lin_rows(const Lin& L, const float* x, int64_t B, const ActScratch& A, float* y,
               int64_t ldy, int64_t n0, int64_t n1) {
   if (L.bits == 32) {
     for (int64_t n = n0; n < n1; ++n) {
@@ -58,33 +66,48 @@ void lin_rows(const Lin& L, const float* x, int64_t B, const float* xsum, float*
     }
     return;
   }
-  for (int64_t t = 0; t < B; ++t) {  // rows of x one at a time: B is small
-    if (L.bits == 8)
-      gemv_rows<8, 1>(x + t * L.K, L.K, L.codes, L.row_bytes, L.scales, L.zeros, xsum + t * L.G,
-                      L.G, L.gs, L.K, y + t * ldy, ldy, n0, n1);
+  const int64_t ld = L.K / 32;
+  for (int64_t t = 0; t < B; ++t) {  // one row of x at a time: B is small
+    const int8_t* xq = A.xq.data() + t * L.K;
+    const float* d = A.d.data() + t * ld;
+    const float* gsum = A.gsum.data() + t * L.G;
+    if (L.bits == 8)  // fp32 activations, gsum = sums of x
+      gemv_rows<8, 1>(x + t * L.K, L.K, L.codes, L.row_bytes, L.scales, L.zeros, gsum, L.G, L.gs,
+                      L.K, y + t * ldy, ldy, n0, n1);
+    else if (L.bits == 3)
+      gemv_rows_i8<3, 1>(xq, d, L.K, gsum, L.codes, L.row_bytes, L.scales, L.zeros, L.G, L.gs,
+                         y + t * ldy, ldy, n0, n1);
     else
-      gemv_rows<4, 1>(x + t * L.K, L.K, L.codes, L.row_bytes, L.scales, L.zeros, xsum + t * L.G,
-                      L.G, L.gs, L.K, y + t * ldy, ldy, n0, n1);
+      gemv_rows_i8<4, 1>(xq, d, L.K, gsum, L.codes, L.row_bytes, L.scales, L.zeros, L.G, L.gs,
+                         y + t * ldy, ldy, n0, n1);
   }
 }
 
 // Called by every thread of the team: y = x @ W^T, output rows shared out in chunks.
 // No barrier at the end (callers put one where the result is needed).
-void lin_team(const Lin& L, const float* x, int64_t B, float* y, int64_t ldy, float* xsum,
+void lin_team(const Lin& L, const float* x, int64_t B, float* y, int64_t ldy, ActScratch& A,
               int nthreads) {
-  if (L.bits != 32)  // each thread its own group sums: K adds, cheaper than a barrier
-    for (int64_t t = 0; t < B; ++t)
-      for (int64_t g = 0; g < L.G; ++g) {
+  // Each thread prepares the input itself (K values: cheaper than a barrier): per-group sums
+  // of x for 8-bit codes, x rounded to int8 for 4/3-bit codes.
+  const int64_t ld = L.K / 32;
+  for (int64_t t = 0; L.bits != 32 && t < B; ++t) {
+    if (L.bits == 8) {
+      for (int64_t b = 0; b < ld; ++b) {
         float s = 0.f;
-        const int64_t k1 = std::min(L.K, (g + 1) * L.gs);
-        for (int64_t k = g * L.gs; k < k1; ++k) s += x[t * L.K + k];
-        xsum[t * L.G + g] = s;
+        for (int64_t k = b * 32; k < b * 32 + 32; ++k) s += x[t * L.K + k];
+        A.bsum[t * ld + b] = s;
       }
+    } else {
+      quantize_act(x + t * L.K, L.K, A.xq.data() + t * L.K, A.d.data() + t * ld,
+                   A.bsum.data() + t * ld);
+    }
+    group_sums(A.bsum.data() + t * ld, L.K, L.gs, A.gsum.data() + t * L.G);
+  }
   const int64_t chunk = std::max<int64_t>(16, (L.N + 8 * nthreads - 1) / (8 * nthreads));
   const int64_t chunks = (L.N + chunk - 1) / chunk;
 #pragma omp for schedule(dynamic, 1) nowait
   for (int64_t c = 0; c < chunks; ++c)
-    lin_rows(L, x, B, xsum, y, ldy, c * chunk, std::min(L.N, (c + 1) * chunk));
+    lin_rows(L, x, B, A, y, ldy, c * chunk, std::min(L.N, (c + 1) * chunk));
 }
 
 void rmsnorm(const float* x, const float* w, float* y, int64_t D, float eps) {
@@ -185,8 +208,14 @@ class DecodePlan {
     std::vector<float> Hb(B * D), Q(B * Hmax_ * E), Kn(B * KVmax_ * E), Vn(B * KVmax_ * E),
         Y(B * Hmax_ * E), O(B * D), Gt(B * Fmax_), U(B * Fmax_);
     std::vector<float> scratch(nt * std::max<int64_t>(S, 1));
-    const int64_t max_g = std::max(D, std::max(Fmax_, Hmax_ * E)) / 32 + 1;
-    std::vector<float> xsum(nt * B * max_g);
+    const int64_t kmax = std::max(D, std::max(Fmax_, Hmax_ * E)) + 32;
+    std::vector<ActScratch> scratch_act(nt);
+    for (auto& A : scratch_act) {
+      A.xq.resize(B * kmax);
+      A.d.resize(B * kmax / 32);
+      A.bsum.resize(B * kmax / 32);
+      A.gsum.resize(B * kmax / 32);
+    }
     auto logits = torch::empty({B, head_.N}, x.options());
     float* out = logits.data_ptr<float>();
     const float* cosp = cos_.data_ptr<float>();
@@ -196,7 +225,7 @@ class DecodePlan {
 #pragma omp parallel num_threads(nt)
     {
       const int tid = omp_get_thread_num();
-      float* xs = xsum.data() + tid * B * max_g;
+      ActScratch& xs = scratch_act[tid];
       float* sc = scratch.data() + tid * std::max<int64_t>(S, 1);
       for (size_t l = 0; l < layers_.size(); ++l) {
         const Layer& Ly = layers_[l];
@@ -314,12 +343,13 @@ class DecodePlan {
       L.N = t[0].size(0);
       return L;
     }
-    TORCH_CHECK((L.bits == 8 || L.bits == 4) && t.size() == 3, "DecodePlan: codes must be 8 or 4 bits");
+    TORCH_CHECK((L.bits == 8 || L.bits == 4 || L.bits == 3) && t.size() == 3,
+                "DecodePlan: codes must be 8, 4 or 3 bits (3: unpacked, one a byte)");
     TORCH_CHECK(t[0].dtype() == torch::kUInt8 && t[0].is_contiguous() && t[0].dim() == 2 &&
                 t[1].dtype() == torch::kHalf && t[1].is_contiguous() &&
                 t[2].dtype() == torch::kUInt8 && t[2].is_contiguous(), "DecodePlan: bad codes");
     L.gs = meta[2];
-    TORCH_CHECK(L.K % 32 == 0 && L.gs % 32 == 0 && t[0].size(1) * (8 / L.bits) == L.K,
+    TORCH_CHECK(L.K % 32 == 0 && L.gs % 32 == 0 && t[0].size(1) * (L.bits == 4 ? 2 : 1) == L.K,
                 "DecodePlan: codes do not match the padded width");
     L.codes = t[0].data_ptr<uint8_t>();
     L.scales = t[1].data_ptr<at::Half>();

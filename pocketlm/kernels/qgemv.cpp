@@ -20,27 +20,13 @@
 namespace {
 using namespace pocketlm;
 
-template <int BITS>
-void gemv_dispatch(const float* x, int64_t T, const uint8_t* codes, int64_t row_bytes,
-                   const at::Half* scales, const uint8_t* zeros, const float* xsum, int64_t G,
-                   int64_t gs, int64_t Kp, float* y, int64_t N) {
-  // Rows go out in small chunks, handed to whichever thread is free (dynamic schedule): on a
-  // busy machine a thread that loses its core then delays one chunk, not half the matrix.
-  // Small matrices stay on one thread, where waking a second one costs more than it saves.
-  auto rows = [&](int64_t n0, int64_t n1) {
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4)
-      gemv_rows<BITS, 4>(x + t * Kp, Kp, codes, row_bytes, scales, zeros, xsum + t * G, G, gs,
-                         Kp, y + t * N, N, n0, n1);
-    for (; t + 2 <= T; t += 2)
-      gemv_rows<BITS, 2>(x + t * Kp, Kp, codes, row_bytes, scales, zeros, xsum + t * G, G, gs,
-                         Kp, y + t * N, N, n0, n1);
-    for (; t < T; ++t)
-      gemv_rows<BITS, 1>(x + t * Kp, Kp, codes, row_bytes, scales, zeros, xsum + t * G, G, gs,
-                         Kp, y + t * N, N, n0, n1);
-  };
+// Rows out in small chunks, handed to whichever thread is free (dynamic schedule): on a busy
+// machine a thread that loses its core then delays one chunk, not half the matrix. Small
+// matrices stay on one thread, where waking a second one costs more than it saves.
+template <typename Rows>
+void share_rows(int64_t N, int64_t work, Rows rows) {
   const int threads = at::get_num_threads();
-  if (threads <= 1 || N * Kp * T < (int64_t{1} << 21) || at::in_parallel_region()) {
+  if (threads <= 1 || work < (int64_t{1} << 21) || at::in_parallel_region()) {
     rows(0, N);
     return;
   }
@@ -50,9 +36,48 @@ void gemv_dispatch(const float* x, int64_t T, const uint8_t* codes, int64_t row_
     rows(c * chunk, std::min(N, (c + 1) * chunk));
 }
 
+// 8-bit codes, fp32 activations x (T, Kp) with per-group sums xsum (T, G).
+void gemv8(const float* x, int64_t T, const uint8_t* codes, int64_t row_bytes,
+           const at::Half* scales, const uint8_t* zeros, const float* xsum, int64_t G,
+           int64_t gs, int64_t Kp, float* y, int64_t N) {
+  share_rows(N, N * Kp * T, [&](int64_t n0, int64_t n1) {
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4)
+      gemv_rows<8, 4>(x + t * Kp, Kp, codes, row_bytes, scales, zeros, xsum + t * G, G, gs, Kp,
+                      y + t * N, N, n0, n1);
+    for (; t + 2 <= T; t += 2)
+      gemv_rows<8, 2>(x + t * Kp, Kp, codes, row_bytes, scales, zeros, xsum + t * G, G, gs, Kp,
+                      y + t * N, N, n0, n1);
+    for (; t < T; ++t)
+      gemv_rows<8, 1>(x + t * Kp, Kp, codes, row_bytes, scales, zeros, xsum + t * G, G, gs, Kp,
+                      y + t * N, N, n0, n1);
+  });
+}
+
+// 4- or 3-bit codes, activations rounded to int8: xq (T, Kp), d (T, Kp/32), gsum (T, G).
+template <int BITS>
+void gemv_int(const int8_t* xq, const float* d, const float* gsum, int64_t T,
+              const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
+              const uint8_t* zeros, int64_t G, int64_t gs, int64_t Kp, float* y, int64_t N) {
+  const int64_t ld = Kp / 32;
+  share_rows(N, N * Kp * T, [&](int64_t n0, int64_t n1) {
+    int64_t t = 0;
+    for (; t + 4 <= T; t += 4)
+      gemv_rows_i8<BITS, 4>(xq + t * Kp, d + t * ld, Kp, gsum + t * G, codes, row_bytes, scales,
+                            zeros, G, gs, y + t * N, N, n0, n1);
+    for (; t + 2 <= T; t += 2)
+      gemv_rows_i8<BITS, 2>(xq + t * Kp, d + t * ld, Kp, gsum + t * G, codes, row_bytes, scales,
+                            zeros, G, gs, y + t * N, N, n0, n1);
+    for (; t < T; ++t)
+      gemv_rows_i8<BITS, 1>(xq + t * Kp, d + t * ld, Kp, gsum + t * G, codes, row_bytes, scales,
+                            zeros, G, gs, y + t * N, N, n0, n1);
+  });
+}
+
 void check(const torch::Tensor& codes, const torch::Tensor& scales, const torch::Tensor& zeros,
            int64_t bits, int64_t gs) {
-  TORCH_CHECK(bits == 8 || bits == 4, "qgemv: bits must be 8 or 4, got ", bits);
+  TORCH_CHECK(bits == 8 || bits == 4 || bits == 3,
+              "qgemv: bits must be 8, 4 or 3 (3: unpacked, one code a byte), got ", bits);
   TORCH_CHECK(gs % 32 == 0 && gs > 0, "qgemv: group size must be a multiple of 32");
   TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.is_contiguous() && codes.dim() == 2);
   TORCH_CHECK(scales.dtype() == torch::kHalf && scales.is_contiguous());
@@ -61,28 +86,41 @@ void check(const torch::Tensor& codes, const torch::Tensor& scales, const torch:
 
 }  // namespace
 
-// x (T, Kp) fp32 contiguous, Kp a multiple of 32 -> y (T, N) fp32.
+// x (T, Kp) fp32 contiguous, Kp a multiple of 32 -> y (T, N) fp32. For 4- and 3-bit codes x
+// is rounded to int8 per block of 32 columns first (see quantize_act in kernels.h).
 torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
                     torch::Tensor zeros, int64_t bits, int64_t gs) {
   check(codes, scales, zeros, bits, gs);
   TORCH_CHECK(x.dtype() == torch::kFloat && x.is_contiguous() && x.dim() == 2);
   const int64_t T = x.size(0), Kp = x.size(1), N = codes.size(0), G = scales.size(1);
   TORCH_CHECK(Kp % 32 == 0, "qgemv: padded width must be a multiple of 32");
-  TORCH_CHECK(codes.size(1) * (8 / bits) == Kp, "qgemv: x width does not match the codes");
+  TORCH_CHECK(codes.size(1) * (bits == 4 ? 2 : 1) == Kp, "qgemv: x width does not match the codes");
   TORCH_CHECK(G == (Kp + gs - 1) / gs, "qgemv: scales have the wrong number of groups");
   auto y = torch::empty({T, N}, x.options());
-  // Per-group sums of x, shared by every output row: (T, G).
-  std::vector<float> xsum(T * G, 0.f);
   const float* xp = x.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t k = 0; k < Kp; ++k) xsum[t * G + k / gs] += xp[t * Kp + k];
   const auto* s = scales.data_ptr<at::Half>();
-  if (bits == 8)
-    gemv_dispatch<8>(xp, T, codes.data_ptr<uint8_t>(), codes.size(1), s,
-                     zeros.data_ptr<uint8_t>(), xsum.data(), G, gs, Kp, y.data_ptr<float>(), N);
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const uint8_t* z = zeros.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  if (bits == 8) {  // fp32 activations; per-group sums of x shared by every output row
+    std::vector<float> xsum(T * G, 0.f);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < Kp; ++k) xsum[t * G + k / gs] += xp[t * Kp + k];
+    gemv8(xp, T, c, codes.size(1), s, z, xsum.data(), G, gs, Kp, yp, N);
+    return y;
+  }
+  // 4/3 bits: activations rounded to int8 per block of 32 once, shared by every output row.
+  std::vector<int8_t> xq(T * Kp);
+  std::vector<float> d(T * Kp / 32), bsum(T * Kp / 32), gsum(T * G);
+  for (int64_t t = 0; t < T; ++t) {
+    quantize_act(xp + t * Kp, Kp, xq.data() + t * Kp, d.data() + t * Kp / 32,
+                 bsum.data() + t * Kp / 32);
+    group_sums(bsum.data() + t * Kp / 32, Kp, gs, gsum.data() + t * G);
+  }
+  if (bits == 4)
+    gemv_int<4>(xq.data(), d.data(), gsum.data(), T, c, codes.size(1), s, z, G, gs, Kp, yp, N);
   else
-    gemv_dispatch<4>(xp, T, codes.data_ptr<uint8_t>(), codes.size(1), s,
-                     zeros.data_ptr<uint8_t>(), xsum.data(), G, gs, Kp, y.data_ptr<float>(), N);
+    gemv_int<3>(xq.data(), d.data(), gsum.data(), T, c, codes.size(1), s, z, G, gs, Kp, yp, N);
   return y;
 }
 
@@ -90,7 +128,7 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
 torch::Tensor dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tensor zeros,
                          int64_t bits, int64_t gs) {
   check(codes, scales, zeros, bits, gs);
-  const int64_t N = codes.size(0), Kp = codes.size(1) * (8 / bits), G = scales.size(1);
+  const int64_t N = codes.size(0), Kp = codes.size(1) * (bits == 4 ? 2 : 1), G = scales.size(1);
   auto w = torch::empty({N, Kp}, torch::dtype(torch::kFloat));
   const uint8_t* c = codes.data_ptr<uint8_t>();
   const auto* s = scales.data_ptr<at::Half>();
@@ -106,7 +144,7 @@ torch::Tensor dequantize(torch::Tensor codes, torch::Tensor scales, torch::Tenso
         const __m256 sv = _mm256_set1_ps(static_cast<float>(s[n * G + g]));
         const __m256 zv = _mm256_set1_ps(static_cast<float>(zp[n * G + g]));
         __m256 v[4];
-        if (bits == 8) load_block<8>(row, blk, v); else load_block<4>(row, blk, v);
+        if (bits == 4) load_block<4>(row, blk, v); else load_block<8>(row, blk, v);
         for (int i = 0; i < 4; ++i)
           _mm256_storeu_ps(wp + n * Kp + blk * 32 + 8 * i, _mm256_mul_ps(_mm256_sub_ps(v[i], zv), sv));
       }
