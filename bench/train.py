@@ -231,7 +231,6 @@ def students_study(a, say) -> None:
     fig["teacher_correction_seconds"] = corrected.train_result.seconds
     say("corrected teacher held-out ppl", fig["corrected_teacher_domain_ppl"])
 
-    runs = {}
     cache = work / "teacher_cache.safetensors"
     for name, spec, w in (
         ("kd", "from-teacher:10", a.kd_weight),
@@ -254,21 +253,21 @@ def students_study(a, say) -> None:
             eval_before=False,
         )
         r = st.train_result
-        runs[name] = r
         fig[name] = {
             "init": spec,
             "kd_weight": w,
             "domain_ppl": r.final["held_out_perplexity"],
             "curve_tokens_ppl": [(e["tokens"], e["perplexity"]) for e in r.evals],
+            "train_ce_curve": [(h["tokens"], round(h["ce"], 4)) for h in r.history],
             "train_tokens_per_s": r.tokens_per_s,
             "train_seconds": r.seconds,
             "wall_s_with_cache": time.perf_counter() - t0,
             "load_average_after": os.getloadavg(),
         }
-        say(name, fig[name])
+        say(name, {k: v for k, v in fig[name].items() if k != "train_ce_curve"})
     if cache.exists():
         fig["teacher_cache_bytes"] = cache.stat().st_size
-    plot_students(runs, fig, REPO / "bench" / "results" / "train_students.png", budget)
+    plot_students(fig, REPO / "bench" / "results" / "train_students.png")
     if a.quick:
         return
     previous = json.loads((REPO / "bench" / "results" / "train.json").read_text())
@@ -284,44 +283,148 @@ def students_study(a, say) -> None:
     report_students(fig)
 
 
+def stronger_teacher_kd(a, say) -> None:
+    """Follow-up to the student study (run after it, --phases students-teacher): the KD
+    student again, with the teacher corrected on --correct-tokens of the same rows instead of
+    the study's; every other setting is read from the study in train.json. Its curve and table
+    row are added to the study's."""
+    results = json.loads((REPO / "bench" / "results" / "train.json").read_text())
+    fig = results["students"]
+    s0 = fig["settings"]
+    rows, steps = s0["batch_rows"], s0["student_steps"]
+    c_steps = math.ceil(a.correct_tokens / (rows * SEQ))
+    work = Path(tempfile.mkdtemp(prefix="bench-students-teacher-"))
+    teacher = pocketlm.load("smollm2-135m-instruct")
+    data = load_data(
+        CSV, teacher.tokenizer, seq_len=SEQ, format="instruction", held_out=0.1, split_seed=0
+    )
+    held = data.held_out.head(s0["eval_rows"])
+    st_data = Data(data.train.head(steps * rows), held, data.info)
+
+    def settings(n: int, lr: float, eval_every: int) -> TrainSettings:
+        return TrainSettings(
+            steps=n,
+            batch_size=rows,
+            lr=lr,
+            warmup_steps=max(1, n // 10),
+            eval_every=eval_every,
+            eval_rows=s0["eval_rows"],
+            checkpoint_every=0,
+            seed=0,
+        )
+
+    t0 = time.perf_counter()
+    corrected = finetune(
+        pocketlm.load("smollm2-135m-instruct"),
+        Data(data.train.head(c_steps * rows), held, data.info),
+        work / "teacher-corrected",
+        settings(c_steps, s0["teacher_correction_lr"], 0),
+        eval_before=False,
+    )
+    out = {
+        "teacher_correction_tokens": c_steps * rows * SEQ,
+        "teacher_correction_seconds": corrected.train_result.seconds,
+        "corrected_teacher_domain_ppl": ppl(corrected.network, held),
+    }
+    say("corrected teacher", out)
+    st = distill(
+        corrected,
+        make_student("from-teacher:10", teacher, seed=0),
+        st_data,
+        work / "st-kd",
+        settings(steps, s0["lr"], max(1, steps // 8)),
+        loss=s0["kd_loss"],
+        kd_weight=s0["kd_weight"],
+        temperature=s0["temperature"],
+        top_k=s0["top_k"],
+        cache_path=work / "teacher_cache.safetensors",
+        eval_before=False,
+    )
+    r = st.train_result
+    out.update(
+        {
+            "init": "from-teacher:10",
+            "kd_weight": s0["kd_weight"],
+            "domain_ppl": r.final["held_out_perplexity"],
+            "curve_tokens_ppl": [(e["tokens"], e["perplexity"]) for e in r.evals],
+            "train_ce_curve": [(h["tokens"], round(h["ce"], 4)) for h in r.history],
+            "train_tokens_per_s": r.tokens_per_s,
+            "wall_s": time.perf_counter() - t0,
+            "load_average_after": os.getloadavg(),
+        }
+    )
+    key = f"kd_teacher_{out['teacher_correction_tokens'] // 1024}k"
+    fig[key] = out
+    say(key, {k: v for k, v in out.items() if k != "train_ce_curve"})
+    plot_students(fig, REPO / "bench" / "results" / "train_students.png")
+    results.pop("machine", None)
+    write_results("train", results)
+    ce = fig["ce"]["domain_ppl"]
+    append_section(
+        "Distill: KD with a more corrected teacher (bench/train.py --phases students-teacher)",
+        (
+            f"Follow-up to the section above, after its KD student ended at its teacher's "
+            f"perplexity ({fig['kd']['domain_ppl']:.3f} vs {fig['corrected_teacher_domain_ppl']:.3f})"
+            f" while CE only went below it ({ce:.3f}). The teacher is now corrected on "
+            f"{out['teacher_correction_tokens']:,} tokens of the same rows (was "
+            f"{s0['teacher_correction_tokens']:,}): held-out ppl "
+            f"{out['corrected_teacher_domain_ppl']:.3f}. KD student, every other setting as "
+            f"above ({s0['student_tokens_per_run']:,} tokens): held-out ppl "
+            f"{out['domain_ppl']:.3f} vs CE only {ce:.3f} "
+            f"({100 * (out['domain_ppl'] / ce - 1):+.1f}%). Curve (ppl every "
+            f"{s0['student_tokens_per_run'] // 8:,} tokens): "
+            + " / ".join(f"{p:.2f}" for _, p in out["curve_tokens_ppl"])
+            + ". Same 64 held-out rows; this is the second and last KD configuration tried."
+        ),
+    )
+
+
 RANDOM_SPEC = "layers=10,dim=576,heads=9,kv_heads=3,hidden=1536"
 
 
-def plot_students(runs: dict, fig: dict, path: Path, budget: int) -> None:
-    """Held-out perplexity along the run for the three students, teachers as lines."""
+def plot_students(fig: dict, path: Path) -> None:
+    """Held-out perplexity along the run for each student in ``fig``, teachers as lines; and
+    the training cross-entropy per step where the study recorded it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    budget = fig["settings"]["student_tokens_per_run"]
     labels = {
         "kd": f"KD (from-teacher:10, kd_weight {fig['kd']['kd_weight']})",
         "ce": "CE only (from-teacher:10)",
         "random_ce": "CE only (random init)",
     }
+    for key, v in fig.items():
+        if key.startswith("kd_teacher_"):
+            labels[key] = f"KD, teacher corrected on {v['teacher_correction_tokens']:,} tokens"
     f, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for i, (name, r) in enumerate(runs.items()):
-        ev = r.evals
-        left.plot(
-            [e["tokens"] for e in ev],
-            [e["perplexity"] for e in ev],
-            marker="o",
-            color=f"C{i}",
-            label=labels[name],
-        )
-        h = r.history
-        right.plot(
-            [p["tokens"] for p in h],
-            [p["ce"] for p in h],
-            color=f"C{i}",
-            lw=0.8,
-            alpha=0.7,
-            label=labels[name],
-        )
-    for y, lab, ls in (
+    for i, name in enumerate(labels):
+        r = fig[name]
+        left.plot(*zip(*r["curve_tokens_ppl"]), marker="o", color=f"C{i}", label=labels[name])
+        if r.get("train_ce_curve"):
+            right.plot(
+                *zip(*r["train_ce_curve"]), color=f"C{i}", lw=0.8, alpha=0.7, label=labels[name]
+            )
+    lines = [
         (fig["teacher_domain_ppl"], "teacher (30 layers)", ":"),
-        (fig["corrected_teacher_domain_ppl"], "teacher after correction", "--"),
-    ):
+        (
+            fig["corrected_teacher_domain_ppl"],
+            f"teacher corrected on {fig['settings']['teacher_correction_tokens']:,} tokens",
+            "--",
+        ),
+    ]
+    for key, v in fig.items():
+        if key.startswith("kd_teacher_"):
+            lines.append(
+                (
+                    v["corrected_teacher_domain_ppl"],
+                    f"teacher corrected on {v['teacher_correction_tokens']:,} tokens",
+                    "-.",
+                )
+            )
+    for y, lab, ls in lines:
         left.axhline(y, color="gray", ls=ls, lw=1, label=f"{lab}: {y:.2f}")
     left.set_yscale("log")
     left.set_xlabel("training tokens")
@@ -442,6 +545,9 @@ def main() -> None:
         print(f"[{time.perf_counter() - t_zero:7.1f}s]", *args, flush=True)
 
     pocketlm.set_threads(int(os.environ.get("POCKETLM_THREADS", "0")) or None)
+    if a.phases == "students-teacher":
+        stronger_teacher_kd(a, say)
+        return
     if a.phases == "students":
         if a.quick:
             a.student_tokens, a.correct_tokens, a.eval_rows = 4 * SEQ * 2, 4 * SEQ, 2
