@@ -175,15 +175,59 @@ inline void quantize_act(const float* x, int64_t K, int8_t* xq, float* d, float*
 // with scale s and zero point z:  s * (sum_k q_k xhat_k - z * gsum_g). BITS 4: two codes a
 // byte (qgemv.cpp's layout); BITS 3: 3-bit codes unpacked to one byte each. Codes < 16, so
 // unsigned x signed byte products never overflow int16.
+// The 32 codes of block `blk` of a row as 32 unsigned bytes, columns in order.
+template <int BITS>
+inline __m256i load_codes(const uint8_t* row, int64_t blk) {
+  if constexpr (BITS == 4) {
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + blk * 16));
+    const __m128i lo = _mm_and_si128(b, low4);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+  } else {  // one byte a code
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * 32));
+  }
+}
+
 template <int BITS, int TT>
 void gemv_rows_i8(const int8_t* xq, const float* d, int64_t Kp, const float* gsum,
                   const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
                   const uint8_t* zeros, int64_t G, int64_t gs, float* y, int64_t ldy,
                   int64_t n0, int64_t n1) {
+  static_assert(BITS == 4 || BITS == 3, "integer path: 4- or 3-bit codes");
   const int64_t bpg = gs / 32, nb = Kp / 32, ldd = Kp / 32;
   const __m256i ones = _mm256_set1_epi16(1);
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  for (int64_t n = n0; n < n1; ++n) {
+  if constexpr (TT == 1) {
+    // Two output rows at a time: two independent FMA chains (one alone waits on the FMA's
+    // latency every block) sharing each activation load and scale broadcast.
+    for (; n0 + 2 <= n1; n0 += 2) {
+      const uint8_t* r0 = codes + n0 * row_bytes;
+      const uint8_t* r1 = r0 + row_bytes;
+      __m256 out0 = _mm256_setzero_ps(), out1 = _mm256_setzero_ps();
+      float c0 = 0.f, c1 = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t b0 = g * bpg, b1 = std::min(b0 + bpg, nb);
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + blk * 32));
+          const __m256 dv = _mm256_set1_ps(d[blk]);
+          const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(load_codes<BITS>(r0, blk), xv), ones);
+          const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(load_codes<BITS>(r1, blk), xv), ones);
+          acc0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), dv, acc0);
+          acc1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), dv, acc1);
+        }
+        const float s0 = static_cast<float>(scales[n0 * G + g]);
+        const float s1 = static_cast<float>(scales[(n0 + 1) * G + g]);
+        out0 = _mm256_fmadd_ps(acc0, _mm256_set1_ps(s0), out0);
+        out1 = _mm256_fmadd_ps(acc1, _mm256_set1_ps(s1), out1);
+        c0 -= s0 * static_cast<float>(zeros[n0 * G + g]) * gsum[g];
+        c1 -= s1 * static_cast<float>(zeros[(n0 + 1) * G + g]) * gsum[g];
+      }
+      y[n0] = hsum(out0) + c0;
+      y[n0 + 1] = hsum(out1) + c1;
+    }
+  }
+  for (int64_t n = n0; n < n1; ++n) {  // TT rows of x at once (or the last odd row when TT = 1)
     const uint8_t* row = codes + n * row_bytes;
     __m256 out[TT];
     float corr[TT];
@@ -196,16 +240,7 @@ void gemv_rows_i8(const int8_t* xq, const float* d, int64_t Kp, const float* gsu
       __m256 acc[TT];
       for (int t = 0; t < TT; ++t) acc[t] = _mm256_setzero_ps();
       for (int64_t blk = b0; blk < b1; ++blk) {
-        static_assert(BITS == 4 || BITS == 3, "integer path: 4- or 3-bit codes");
-        __m256i w;
-        if constexpr (BITS == 4) {
-          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + blk * 16));
-          const __m128i lo = _mm_and_si128(b, low4);
-          const __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-          w = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);  // columns 0..31
-        } else {  // one byte a code
-          w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * 32));
-        }
+        const __m256i w = load_codes<BITS>(row, blk);
         for (int t = 0; t < TT; ++t) {
           const __m256i xv =
               _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + t * Kp + blk * 32));
