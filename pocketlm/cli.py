@@ -177,7 +177,8 @@ def cmd_bench(a):
         print(f"  prefill {n:5d} tokens : {r[f'prefill_{n}_tokens_per_s']:8.1f} tokens/s")
     print(f"  time to first token  : {r['time_to_first_token_s'] * 1000:8.1f} ms "
           f"({r['time_to_first_token_prompt_tokens']}-token prompt)")
-    print(f"  decode (batch 1)     : {r['decode_tokens_per_s']:8.1f} tokens/s over {a.new_tokens} tokens")
+    print(f"  decode (batch 1)     : {r['decode_tokens_per_s']:8.1f} tokens/s over {a.new_tokens} tokens"
+          f" ({r['decode_path']} decode step)")
     if len(r["decode_sweep"]) > 1:
         print("  decode sweep:  batch  context   aggregate tok/s   per-sequence tok/s")
         for s in r["decode_sweep"]:

@@ -83,6 +83,7 @@ def test_bench_json_has_the_figures_scripts_read(tmp_path, tiny_model):
         assert out[key] > 0
     assert out["threads"] == 1
     assert out["weight_bytes"] == sum(p.numel() * 4 for p in tiny_model.network.parameters())
+    assert out["decode_path"] in ("fused", "pytorch")
 
 
 def test_list_known_names():

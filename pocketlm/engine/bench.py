@@ -83,7 +83,11 @@ def bench(
     ``decode_tokens_per_s`` for batch 1 after the first context; sweeps over batch size and
     context are reported under ``decode_sweep``.
     """
-    out: dict = {"threads": torch.get_num_threads(), "weight_bytes": weight_bytes(network)}
+    from pocketlm.engine import fused
+
+    out: dict = {"threads": torch.get_num_threads(), "weight_bytes": weight_bytes(network),
+                 # "fused": one C++ call a step (engine/fused.py); "pytorch": op by op
+                 "decode_path": "fused" if fused.plan_for(network) is not None else "pytorch"}
     for n in prompt_lengths:
         s = time_prefill(network, n)
         out[f"prefill_{n}_tokens_per_s"] = n / s
