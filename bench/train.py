@@ -586,7 +586,7 @@ def main() -> None:
     )
     figures["data"] = data.info
     held = data.held_out.head(a.eval_rows)
-    # Only the rows a budget reaches are kept, so the teacher cache covers exactly those.
+    # only the rows the budget reaches
     ft_data = Data(data.train.head(ft_steps * BATCH), held, data.info)
     wiki = wikitext_windows(teacher.tokenizer, a.wiki_windows)
     figures["settings"]["held_out_target_tokens"] = held.n_targets
