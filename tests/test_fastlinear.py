@@ -34,3 +34,13 @@ def test_training_takes_the_differentiable_path(tiny_model):
     loss = net(tokens).logsumexp(-1).mean()
     loss.backward()
     assert net.layers[0].mlp.down_proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("rows", [2, 40])
+def test_frozen_weights_still_pass_gradients_to_their_input(rows):
+    """LoRA freezes the base weights but trains through them: the fast paths must step aside."""
+    lin = speed_up(nn.Sequential(nn.Linear(64, 48, bias=False)))[0]
+    lin.weight.requires_grad_(False)
+    x = torch.randn(rows, 64, requires_grad=True)
+    lin(x).sum().backward()
+    torch.testing.assert_close(x.grad, lin.weight.sum(0).expand(rows, 64))
