@@ -189,3 +189,16 @@ def test_fsdp_two_processes_match_one_and_resume_from_a_sharded_run(tmp_path):
     history = json.loads((tmp_path / "resumed" / "train_log.json").read_text())["history"]
     assert [h["loss"] for h in history][:1] == [123.0] and len(history) == 3
     assert_same_weights(tmp_path / "fsdp", tmp_path / "resumed", atol=1e-6)
+
+
+@pytest.mark.integration
+def test_fsdp_trains_lora_adapters_like_one_process(tmp_path):
+    # frozen base weights and trainable adapters share FSDP units
+    args = [*two_process_args(tmp_path), "--lora", "4"]
+    torchrun([*args, "--fsdp", "-o", str(tmp_path / "fsdp")])
+    assert main([*args, "-o", str(tmp_path / "one")]) == 0
+    a = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and len(a) == 28  # A and B of 7 modules x 2 layers
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0, msg=k)
