@@ -89,3 +89,15 @@ def test_steps_aside_where_it_does_not_apply(monkeypatch):
         assert fused.decode(net, cache, tokens, positions) is None  # adapters: PyTorch path
         logits = decode_step(net, cache, tokens, positions)  # which still answers
         assert logits.shape == (1, net.config.vocab_size)
+
+
+def test_a_model_that_has_decoded_can_still_be_copied_and_quantized():
+    import copy
+
+    model = make_tiny_model()
+    model.generate("the cat", max_tokens=4, temperature=0)
+    assert fused.plan_for(model.network) is not None
+    twin = copy.deepcopy(model.network)
+    assert fused.plan_for(twin) is not None  # its own plan, on its own weights
+    q = quantize(model, method="rtn", bits=8, progress=False)
+    assert q.generate("the cat", max_tokens=4, temperature=0)

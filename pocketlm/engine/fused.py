@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from pocketlm.model.transformer import KVCache, Transformer
 
 log = logging.getLogger(__name__)
 MAX_ROWS = 8
+# Plans live beside their models, not on them: a model stays deep-copyable and picklable
+# (quantize and distill copy networks), and its plan goes when it does.
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _DENSE = (nn.Linear,)  # and subclasses that only change forward (GemvLinear)
 
 
@@ -122,10 +126,10 @@ def plan_for(model: Transformer) -> _Plan | None:
     ext = _kernel()
     if ext is None or not hasattr(ext, "DecodePlan"):
         return None
-    plan = model.__dict__.get("_decode_plan")
+    plan = _PLANS.get(model)
     if plan is None or not plan.current(model):
         plan = _Plan(model, ext)
-        model.__dict__["_decode_plan"] = plan
+        _PLANS[model] = plan
     return plan if plan.ok else None
 
 
