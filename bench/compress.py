@@ -2,6 +2,10 @@
 
     .venv/bin/python bench/compress.py [--pages 3] [--context 1024 --stride 512]
                                        [--samples 32 --seq-len 512] [--threads 1] [--resume]
+                                       [--no-speed] [--peer-types F16,Q8_0,Q4_0] [--report-only]
+
+The 2026-11-29 figures: ``--pages 5 --context 1024 --stride 1024 --no-speed`` (then
+``--resume --peer-types F16,Q8_0,Q4_0``).
 
 Reference: the default model (SmolLM2-135M-Instruct, from its Q4_1 GGUF) dequantized to fp32.
 Each configuration is quantized, saved, *loaded back from the folder* (what a user runs), and
@@ -38,8 +42,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    REPO, SHARED, append_section, decode_ab, markdown_table, merge_results, read_results,
+from _common import (
+    REPO,
+    SHARED,
+    append_section,
+    decode_ab,
+    markdown_table,
+    merge_results,
+    read_results,
     wikitext_perplexity,
 )
 
@@ -49,17 +59,17 @@ from pocketlm.compress.qlinear import backend
 
 PEER_BIN = REPO / ".peer" / "build" / "bin"
 TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
-CONFIGS = {  # name -> quantize() settings
-    "int8_rtn": {"method": "rtn", "bits": 8, "group_size": 0},
-    "int4_rtn_g128": {"method": "rtn", "bits": 4, "group_size": 128},
-    "int4_gptq_g128": {"method": "gptq", "bits": 4, "group_size": 128},
-    "int4_awq_g128": {"method": "awq", "bits": 4, "group_size": 128},
-    "int3_rtn_g128": {"method": "rtn", "bits": 3, "group_size": 128},
+CONFIGS = {  # name -> quantize() settings; None = quantize()'s default for the method
+    "int4_gptq_g128": {"method": "gptq", "bits": 4, "group_size": 128},  # asym, act-order
+    "int4_rtn_g128": {"method": "rtn", "bits": 4, "group_size": 128},  # sym
     "int3_gptq_g128": {"method": "gptq", "bits": 3, "group_size": 128},
+    "int3_rtn_g128": {"method": "rtn", "bits": 3, "group_size": 128},
+    "int4_awq_g128": {"method": "awq", "bits": 4, "group_size": 128},
+    "int8_rtn": {"method": "rtn", "bits": 8, "group_size": 0},
     "int4_rtn_g128_asym": {"method": "rtn", "bits": 4, "group_size": 128, "sym": False},
-    "int4_gptq_g128_asym_actorder": {"method": "gptq", "bits": 4, "group_size": 128,
-                                     "sym": False, "act_order": True},
 }
+SPEED_KEYS = ("decode_tokens_per_s", "fp32_decode_tokens_per_s_same_run",
+              "decode_speedup_vs_fp32")
 
 
 
@@ -80,6 +90,10 @@ def measure(ref, name: str, settings: dict, a) -> dict:
            "file_ratio_to_fp32": size / (4 * ref.config.n_params),
            "logits_bit_identical_after_load": identical, "kernel": backend()}
     row.update(perplexity(loaded, a))
+    row["quantization_config"] = {k: v for k, v in loaded.network.quantization_config.items()
+                                  if k != "modules"}
+    if a.no_speed:
+        return row
     d = decode_ab({"fp32": ref.network, name: loaded.network}, a.decode_tokens, a.rounds)
     row["decode_tokens_per_s"] = 1 / d[name]
     row["fp32_decode_tokens_per_s_same_run"] = 1 / d["fp32"]
@@ -106,7 +120,7 @@ def llama_cpp(a) -> dict:
     text = REPO / ".peer" / f"wikitext2-test-first{a.pages}pages.txt"
     text.write_text(page_text(a))
     out = {"text_file": str(text), "context": a.context}
-    for qtype in ["SOURCE_Q4_1", "F16", "Q8_0", "Q4_0"]:
+    for qtype in a.peer_types.split(","):
         f = src if qtype == "SOURCE_Q4_1" else REPO / ".peer" / f"smollm2-135m-{qtype}.gguf"
         if not f.exists():
             subprocess.run([str(quant), "--allow-requantize", str(src), str(f), qtype],
@@ -116,7 +130,11 @@ def llama_cpp(a) -> dict:
         m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
         row = {"file_bytes": os.path.getsize(f),
                "token_perplexity": float(m.group(1)) if m else None}
-        if qtype != "SOURCE_Q4_1":
+        m2 = re.search(r"perplexity over (\d+) chunks, n_ctx=(\d+)", r.stdout + r.stderr)
+        if m2:  # llama-perplexity scores the second half of each chunk
+            chunks, n_ctx = int(m2.group(1)), int(m2.group(2))
+            row["chunks"], row["tokens_scored"] = chunks, chunks * (n_ctx - 1 - n_ctx // 2)
+        if qtype != "SOURCE_Q4_1" and not a.no_speed:
             b = subprocess.run([str(bench), "-m", str(f), "-t", str(a.threads), "-p", "0", "-n",
                                 str(a.decode_tokens), "-r", str(a.rounds), "-o", "json"],
                                capture_output=True, text=True, check=False)
@@ -128,38 +146,71 @@ def llama_cpp(a) -> dict:
     return out
 
 
+def _grid(r: dict) -> str:
+    qc = r.get("quantization_config", r)
+    if r.get("method") == "rtn" and r.get("bits") == 8:
+        return "sym, per channel"
+    sym = qc.get("sym", True)
+    parts = ["sym" if sym else "asym"]
+    if qc.get("act_order"):
+        parts.append("act-order")
+    return ", ".join(parts)
+
+
 def report(fig: dict) -> str:
     ref = fig.get("fp32", {})
     rows = []
     for name, r in fig.items():
         if name in ("fp32", "settings", "llama_cpp") or "word_perplexity" not in r:
             continue
-        rows.append([name, r["token_perplexity"], r["word_perplexity"],
-                     f"{100 * (r['token_perplexity'] / ref['token_perplexity'] - 1):+.2f}%",
+        speed = r.get("decode_tokens_per_s")
+        rows.append([name, r["method"], r["bits"], r["group_size"] or "row", _grid(r),
                      f"{r['file_bytes'] / 1e6:.1f} MB ({100 * r['file_ratio_to_fp32']:.1f}%)",
-                     f"{r['decode_tokens_per_s']:.1f} vs {r['fp32_decode_tokens_per_s_same_run']:.1f}",
-                     f"{r['decode_speedup_vs_fp32']:.2f}x", r["kernel"],
+                     r["word_perplexity"],
+                     f"{100 * (r['word_perplexity'] / ref['word_perplexity'] - 1):+.1f}%",
+                     r["token_perplexity"],
+                     f"{100 * (r['token_perplexity'] / ref['token_perplexity'] - 1):+.1f}%",
+                     r["tokens_scored"],
+                     f"{speed:.1f} vs {r['fp32_decode_tokens_per_s_same_run']:.1f} "
+                     f"({r['decode_speedup_vs_fp32']:.2f}x)"
+                     + (" *" if r.get("speed_from_earlier_run") else "") if speed else "",
                      "yes" if r["logits_bit_identical_after_load"] else "NO"])
-    head = ["config", "token ppl", "word ppl", "ppl vs fp32", "file (of fp32)",
-            "decode tok/s (vs fp32, same run)", "speedup", "kernel", "load bit-identical"]
-    table = markdown_table(head, [["fp32", ref.get("token_perplexity", math.nan),
-                                   ref.get("word_perplexity", math.nan), "", "", "", "", "", ""]]
-                           + rows)
+    head = ["config", "method", "bits", "group", "grid", "file (of fp32)", "word ppl",
+            "vs fp32", "token ppl", "vs fp32", "tokens", "decode tok/s vs fp32 (speedup)",
+            "load bit-identical"]
+    table = markdown_table(head, [["fp32", "", 32, "", "", "", ref.get("word_perplexity", math.nan),
+                                   "", ref.get("token_perplexity", math.nan), "",
+                                   ref.get("tokens_scored", ""), "", ""]] + rows)
+    if any(r.get("speed_from_earlier_run") for r in fig.values() if isinstance(r, dict)):
+        table += ("\n\n\\* decode speed not re-measured in this run (shared, loaded machine): "
+                  f"{fig['settings'].get('speed_from', 'see compress.json')}; measured under "
+                  "load, so not a clean figure. A blank: no earlier figure in this format.")
     peer = fig.get("llama_cpp") or {}
     if peer:
         base = peer.get("F16", {}).get("token_perplexity")
         prow = []
         for q in ("SOURCE_Q4_1", "F16", "Q8_0", "Q4_0"):
-            r = peer.get(q, {})
+            if q not in peer:
+                continue
+            r = peer[q]
             p = r.get("token_perplexity")
-            prow.append([q, p, f"{100 * (p / base - 1):+.2f}%" if p and base else "",
-                         f"{r.get('file_bytes', 0) / 1e6:.1f} MB", r.get("decode_tokens_per_s")])
-        table += ("\n\nllama.cpp (same text, its own windows: chunks of the context, second half "
-                  "scored; so compare the change vs its F16, not the absolute value):\n\n"
-                  + markdown_table(["llama.cpp", "token ppl", "vs F16", "file",
+            prow.append([q, f"{r.get('file_bytes', 0) / 1e6:.1f} MB", p,
+                         f"{100 * (p / base - 1):+.1f}%" if p and base else "",
+                         r["chunks"] * (peer["context"] - 1 - peer["context"] // 2)
+                         if "chunks" in r else "", r.get("decode_tokens_per_s", "")])
+        table += ("\n\nllama.cpp on the same text (`llama-perplexity -c "
+                  f"{peer.get('context')}`: its own windows, chunks of the context with the "
+                  "second half scored, so compare the change vs its F16, not the absolute "
+                  "value):\n\n"
+                  + markdown_table(["llama.cpp", "file", "token ppl", "vs F16", "tokens",
                                     "decode tok/s (llama-bench)"], prow))
     return table
 
+
+def _earlier_date() -> str:
+    path = REPO / "bench" / "results" / "compress.json"
+    m = json.loads(path.read_text()).get("machine", {}) if path.is_file() else {}
+    return f"{m.get('date', '?')} (commit {m.get('commit', '?')})"
 
 
 def load_results() -> dict:
@@ -187,18 +238,44 @@ def main() -> None:
                     help="threads for everything, ours and llama.cpp (1: the machine is shared)")
     ap.add_argument("--only", default="", help="comma-separated configs (default: all)")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--peer-types", default="SOURCE_Q4_1,F16,Q8_0,Q4_0",
+                    help="llama.cpp files to score (F16 is the reference of the others)")
     ap.add_argument("--resume", action="store_true", help="keep figures already in compress.json")
     ap.add_argument("--no-section", action="store_true", help="do not append to BENCHMARKS.md")
+    ap.add_argument("--no-speed", action="store_true",
+                    help="skip decode timing (loaded machine); keep the earlier run's speed "
+                         "figures of the same config, marked as such")
+    ap.add_argument("--report-only", action="store_true",
+                    help="measure nothing: print the table of compress.json (and append it)")
     a = ap.parse_args()
+    if a.report_only:
+        fig = load_results()
+        print(report(fig))
+        if not a.no_section:
+            section(fig)
+        return
 
-    fig = load_results() if a.resume else {}
+    earlier = load_results()
+    fig = dict(earlier) if a.resume else {}
     fig["settings"] = {"pages": a.pages, "context": a.context, "stride": a.stride,
                        "calibration_samples": a.samples, "calibration_seq_len": a.seq_len,
                        "decode_tokens": a.decode_tokens, "rounds": a.rounds,
                        "threads": a.threads, "reference": "smollm2-135m-instruct fp32"}
+    if a.no_speed:
+        fig["settings"]["speed_from"] = (
+            "decode figures of the run of "
+            f"{_earlier_date()}")
     ref = pocketlm.load("smollm2-135m-instruct", threads=a.threads)
     if "fp32" not in fig:
         fig["fp32"] = {"file_bytes_fp32": 4 * ref.config.n_params, **perplexity(ref, a)}
+        save_results(fig)
+    if not a.no_peer and "llama_cpp" not in fig:
+        fig["llama_cpp"] = llama_cpp(a)
+        if a.no_speed:
+            for q, r in fig["llama_cpp"].items():
+                old = earlier.get("llama_cpp", {}).get(q)
+                if isinstance(r, dict) and isinstance(old, dict) and "decode_tokens_per_s" in old:
+                    r["decode_tokens_per_s"] = old["decode_tokens_per_s"]
         save_results(fig)
     names = [n for n in (a.only.split(",") if a.only else CONFIGS) if n]
     for name in names:
@@ -206,24 +283,33 @@ def main() -> None:
             continue
         print(f"== {name}", flush=True)
         fig[name] = measure(ref, name, CONFIGS[name], a)
+        if a.no_speed and all(k in earlier.get(name, {}) for k in SPEED_KEYS):
+            fig[name].update({k: earlier[name][k] for k in SPEED_KEYS},
+                             speed_from_earlier_run=True)
         print(json.dumps(fig[name], indent=1), flush=True)
         save_results(fig)
-    if not a.no_peer and "llama_cpp" not in fig:
-        fig["llama_cpp"] = llama_cpp(a)
-        save_results(fig)
-    table = report(fig)
-    print(table)
-    if a.no_section:
-        return
+    print(report(fig))
+    if not a.no_section:
+        section(fig)
+
+
+def section(fig: dict) -> None:
     s = fig["settings"]
+    windows = ("disjoint windows, lm-eval's default" if s["stride"] == s["context"]
+               else f"rolling windows, stride {s['stride']}")
+    speed = ("decode speed not re-measured (shared machine under load; see the note below "
+             "the table)" if s.get("speed_from") else
+             f"decode batch 1, {s['decode_tokens']} tokens, {s['rounds']} rounds A B A B vs "
+             "fp32, medians")
     append_section(
         "Quantization (bench/compress.py)",
-        f"WikiText-2 test, first {s['pages']} pages, rolling windows context {s['context']} / "
-        f"stride {s['stride']} (pocketlm.evaluate); calibration {s['calibration_samples']} x "
-        f"{s['calibration_seq_len']} tokens of the validation split; decode batch 1, "
-        f"{s['decode_tokens']} tokens, {s['rounds']} rounds A B A B vs fp32, medians, "
-        f"{s['threads']} thread(s). Every quantized model is measured after save + load.\n\n"
-        + table)
+        f"WikiText-2 test, first {s['pages']} pages, context {s['context']} ({windows}; "
+        f"pocketlm.evaluate); calibration {s['calibration_samples']} x "
+        f"{s['calibration_seq_len']} tokens of the validation split; {speed}; "
+        f"{s['threads']} thread(s). Every quantized model is measured after save + load. "
+        "GPTQ runs with quantize()'s defaults (asymmetric grid, activation order with static "
+        "groups, damping 0.01, the first token of each calibration window counted L times in "
+        "the k_proj/v_proj Hessians); RTN and AWQ use the symmetric grid.\n\n" + report(fig))
 
 
 if __name__ == "__main__":
