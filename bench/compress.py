@@ -67,6 +67,7 @@ CONFIGS = {  # name -> quantize() settings; None = quantize()'s default for the 
     "int4_awq_g128": {"method": "awq", "bits": 4, "group_size": 128},
     "int8_rtn": {"method": "rtn", "bits": 8, "group_size": 0},
     "int4_rtn_g128_asym": {"method": "rtn", "bits": 4, "group_size": 128, "sym": False},
+    "int4_gptq_g128_cal64": {"method": "gptq", "bits": 4, "group_size": 128, "samples": 64},
 }
 SPEED_KEYS = ("decode_tokens_per_s", "fp32_decode_tokens_per_s_same_run",
               "decode_speedup_vs_fp32")
@@ -77,6 +78,7 @@ def measure(ref, name: str, settings: dict, a) -> dict:
     ids = ref.encode("The history of the city begins in the year 1200, when")
     t0 = time.perf_counter()
     extra = {"samples": a.samples, "seq_len": a.seq_len} if settings["method"] != "rtn" else {}
+    extra = {k: v for k, v in extra.items() if k not in settings}  # a config's own wins
     q = quantize(ref, **settings, **extra)
     seconds = time.perf_counter() - t0
     before = q.logits(ids)
