@@ -100,6 +100,29 @@ def hf_peer_tokens_per_s(model, steps: int) -> float | None:
     return BATCH * SEQ / times[len(times) // 2]
 
 
+def ours_step_tokens_per_s(model, steps: int) -> float:
+    """Our network in the same bare loop as the peer (forward, loss, backward, AdamW step, no
+    evaluation or clipping): the like-for-like figure beside ``hf_peer_tokens_per_s``."""
+    import copy
+
+    import torch.nn.functional as F
+
+    net = copy.deepcopy(model.network).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-5)
+    x = torch.randint(0, model.config.vocab_size, (BATCH, SEQ + 1))
+    times = []
+    for _ in range(steps + 1):
+        t0 = time.perf_counter()
+        logits = net(x[:, :-1])
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:-1].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t0)
+    times = sorted(times[1:])  # first step warms up
+    return BATCH * SEQ / times[len(times) // 2]
+
+
 def torchrun_tokens_per_s(out: Path, steps: int) -> dict | None:
     """The student, 2 processes under torchrun (gloo), CE-only; tokens/s over all processes."""
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -569,6 +592,7 @@ def main() -> None:
             "lora": "rank 16, alpha 32, q,k,v,o,gate,up,down",
             "train_seed": 0,
             "nice": os.nice(0),
+            "load_average_at_start": round(os.getloadavg()[0], 2),
             "phases_requested": a.phases,
         },
         "phases_done": [],
@@ -635,10 +659,13 @@ def main() -> None:
         say(name, figures[f"finetune_{name}"])
 
     def throughput_phase() -> None:
-        peer = hf_peer_tokens_per_s(teacher, steps=2)
+        for _ in range(2):  # A B A B; the last pair is kept
+            ours = ours_step_tokens_per_s(teacher, steps=3)
+            peer = hf_peer_tokens_per_s(teacher, steps=3)
+        tp["ours_teacher_full_bare_step"] = ours
         if peer:
             tp["peer_transformers_teacher_full"] = peer
-        say("peer", peer)
+        say("ours (bare step)", ours, "peer", peer)
         save_partial()
         tr = torchrun_tokens_per_s(work / "ddp", steps=3)
         if tr:
@@ -664,8 +691,8 @@ def main() -> None:
 def report(figures: dict, a, ft_steps: int, held_targets: int) -> None:
     tp, t = figures["train_tokens_per_s"], figures["teacher"]
     body = [
-        f"Budgets, reduced because the 2 cores were shared by ~6 engineers (this script ran at "
-        f"`nice {figures['settings']['nice']}` beside them): fine-tuning "
+        f"{figures['settings']['threads']} thread(s), `nice {figures['settings']['nice']}`, load "
+        f"average {figures['settings'].get('load_average_at_start', '?')} at the start. Budgets: fine-tuning "
         f"{ft_steps * BATCH * SEQ:,} tokens per run ({BATCH} rows x {SEQ} tokens per step). Domain = bitext-customer-support, "
         f"90/10 split by seed 0; held-out perplexity on the responses of the first "
         f"{a.eval_rows} held-out rows ({held_targets} target tokens); WikiText-2 drift on "
@@ -716,6 +743,13 @@ def report(figures: dict, a, ft_steps: int, held_targets: int) -> None:
     if tp:
         body.append(
             markdown_table(["training throughput", "tokens/s"], [[k, v] for k, v in tp.items()])
+        )
+        body.append(
+            "\nteacher_lora / teacher_full: whole `finetune` runs (warm-up step and held-out "
+            "evaluations included). ours_teacher_full_bare_step and peer_transformers_teacher_full: "
+            f"the median of bare training steps ({BATCH} x {SEQ} tokens: forward, loss, backward, "
+            "AdamW), ours and transformers alternated in one process. student_torchrun_2proc: "
+            "`torchrun --nproc-per-node 2`, one thread each."
         )
     append_section("Distill and fine-tune (bench/train.py)", "\n".join(body))
     print("\n".join(body))
