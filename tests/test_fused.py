@@ -101,3 +101,18 @@ def test_a_model_that_has_decoded_can_still_be_copied_and_quantized():
     assert fused.plan_for(twin) is not None  # its own plan, on its own weights
     q = quantize(model, method="rtn", bits=8, progress=False)
     assert q.generate("the cat", max_tokens=4, temperature=0)
+
+
+def test_a_forward_hook_anywhere_sends_decode_through_pytorch():
+    """Hooks must see activations (a router reading hidden states), which the C++ step skips."""
+    net = make_tiny_model().network
+    seen = []
+    handle = net.layers[1].register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    with torch.no_grad():
+        cache, tokens, positions = prefilled(net, [4])
+        seen.clear()
+        assert fused.decode(net, cache, tokens, positions) is None
+        decode_step(net, cache, tokens, positions)
+        assert seen == [(1, 1, net.config.dim)]
+        handle.remove()
+        assert fused.decode(net, cache, tokens, positions) is not None

@@ -4,16 +4,17 @@ A decode step of a small model is ~200 matrix-vector products and ~30 small ops 
 Dispatched one by one from Python, the overhead (~7,600 dispatcher calls and an OpenMP wake-up
 per product) costs as much as streaming the weights. ``DecodePlan`` in
 ``kernels/decode.cpp`` runs the same maths as ``model/transformer.py`` with the threads kept
-up for the whole step, reading fp32 or packed int8/int4 weights in place.
+up for the whole step, reading fp32 or packed int8/int4/int3 weights in place.
 
 ``decode(model, cache, tokens, positions)`` returns the logits, or None when this model or
 call is not one the plan covers, and the caller takes the plain PyTorch path:
 - the kernel could not be built, or ``POCKETLM_FUSED=0``;
 - gradients are wanted, or a layer is not a plain fp32 Linear or a packed int8/int4/int3
-  QLinear (e.g. LoRA adapters), or the model has hooks;
+  QLinear (e.g. LoRA adapters), or a forward hook is registered on any of its modules (a
+  hook must see the activations, which the C++ step never hands back);
 - more than 8 sequences, a non-fp32 cache, or a position beyond the cache.
-The plan holds the weight tensors it was built from; when any of them is replaced (training,
-LoRA merge, a module swap) it is rebuilt.
+The plan reads the weight tensors it was built from (in-place updates, e.g. an optimizer step,
+are seen); when a module or weight is replaced (LoRA merge, a module swap) it is rebuilt.
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ import weakref
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
+from pocketlm.compress.qlinear import QuantizedTensor, TiedQLinear
+from pocketlm.engine.fastlinear import GemvLinear, _kernel
 from pocketlm.model.transformer import KVCache, Transformer
 
 log = logging.getLogger(__name__)
@@ -32,42 +36,27 @@ MAX_ROWS = 8
 # Plans live beside their models, not on them: a model stays deep-copyable and picklable
 # (quantize and distill copy networks), and its plan goes when it does.
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_DENSE = (nn.Linear,)  # and subclasses that only change forward (GemvLinear)
 
 
 def enabled() -> bool:
     return os.environ.get("POCKETLM_FUSED", "1") != "0"
 
 
-def _kernel():
-    from pocketlm.engine.fastlinear import _kernel as k
-
-    return k()
-
-
 def _weight_spec(module: nn.Module):
-    """(tensors, [bits, K, group size], identity) for one linear layer, or None if unsupported."""
-    from pocketlm.compress.qlinear import QLinear, TiedQLinear
-
+    """(tensors, [bits, K, group size]) for one linear layer, or None if the plan cannot read it."""
     if isinstance(module, TiedQLinear):
         module = module.embedding
-    if isinstance(module, QLinear) or type(module).__name__ == "QEmbedding":
+    if isinstance(module, QuantizedTensor):  # QLinear, or the QEmbedding a tied head reads
         if module.compute_dtype != torch.float32 or module.bits not in (3, 4, 8):
             return None
         codes = module.kernel_codes()  # 3-bit: unpacked, one code a byte
-        return [codes, module.scales, module.zeros], [module.bits, module.kp, module.group_size], codes
-    if isinstance(module, _DENSE) and module.__class__.forward in (nn.Linear.forward, _gemv_forward()):
+        return [codes, module.scales, module.zeros], [module.bits, module.kp, module.group_size]
+    if type(module) in (nn.Linear, GemvLinear):
         w = module.weight
         if module.bias is not None or w.dtype != torch.float32 or not w.is_contiguous():
             return None
-        return [w], [32, w.shape[1], 0], w
+        return [w], [32, w.shape[1], 0]
     return None
-
-
-def _gemv_forward():
-    from pocketlm.engine.fastlinear import GemvLinear
-
-    return GemvLinear.forward
 
 
 def _linears(model: Transformer) -> list[nn.Module]:
@@ -87,7 +76,8 @@ def _norms(model: Transformer) -> list[torch.Tensor]:
 
 class _Plan:
     def __init__(self, model: Transformer, ext):
-        specs = [_weight_spec(m) for m in _linears(model)]
+        specs = [_weight_spec(m) for m in _linears(model)]  # before the fingerprint: 3-bit
+        # codes are unpacked (and cached on the module) by kernel_codes()
         norms = _norms(model)
         self.ok = all(s is not None for s in specs) and all(
             n.dtype == torch.float32 and n.is_contiguous() for n in norms)
@@ -102,11 +92,16 @@ class _Plan:
                 log.info("fused decode unavailable for this model: %s", str(e).splitlines()[0])
                 self.ok = False
         self.fingerprint = _fingerprint(model)
+        self.hooks = [d for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
 
     def current(self, model: Transformer) -> bool:
         """Whether every module, parameter and buffer is still the object the plan was built on
         (~600 identity checks, ~40 us; a swapped module or a replaced weight fails it)."""
         return all(d.get(k) is o for d, k, o in self.fingerprint)
+
+    def hooked(self) -> bool:
+        """Whether any module has a forward hook now (hooks are added to these same dicts)."""
+        return any(self.hooks) or bool(_global_forward_hooks or _global_forward_pre_hooks)
 
 
 def _fingerprint(model: nn.Module) -> list[tuple[dict, str, object]]:
@@ -142,10 +137,8 @@ def decode(
         return None
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         return None
-    if model._forward_hooks or model._forward_pre_hooks:
-        return None
     plan = plan_for(model)
-    if plan is None:
+    if plan is None or plan.hooked():
         return None
     x = model.embed_tokens(tokens.reshape(B))
     if x.dtype != torch.float32:

@@ -234,7 +234,7 @@ class Transformer(nn.Module):
             else:
                 E = self.config.head_dim
                 write_index = positions[:, None, :, None].expand(B, self.config.n_kv_heads, T, E)
-            # a prompt from position 0 attends plainly causally: the fused kernel's fast case
+            # a prompt from position 0 attends plainly causally: SDPA's is_causal fast path
             mask = None if L == T else (torch.arange(L)[None, None, :] <= positions[:, :, None]).unsqueeze(1)
         for layer, layer_cache in zip(self.layers, layer_caches):
             x = layer(x, cos, sin, mask, layer_cache, write_index)
