@@ -21,11 +21,10 @@ from pocketlm.model.transformer import to_column_major
 MAX_ROWS = 8
 
 
-@lru_cache(maxsize=1)
 def _kernel():
-    from pocketlm.kernels import build
+    from pocketlm import kernels
 
-    return build()
+    return kernels.get()
 
 
 @lru_cache(maxsize=1)

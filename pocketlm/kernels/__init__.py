@@ -2,6 +2,7 @@
 
 - ``qgemv.cpp``: quantized and dense fp32 matrix-vector products for a few rows;
 - ``decode.cpp``: a whole decode step (every layer) in one call, ``DecodePlan``;
+- ``attention.cpp``: causal grouped-query attention for prefill, ``causal_attention``;
 - ``kernels.h``: the SIMD pieces they share.
 
 ``build()`` JIT-compiles them through ``torch.utils.cpp_extension.load`` into
@@ -17,11 +18,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from functools import lru_cache
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
-SOURCES = [HERE / "qgemv.cpp", HERE / "decode.cpp"]
+SOURCES = [HERE / "qgemv.cpp", HERE / "decode.cpp", HERE / "attention.cpp"]
 HEADERS = [HERE / "kernels.h"]
 
 
@@ -73,3 +75,9 @@ def build():
         log.warning("could not build the quantized kernel (%s: %s); using the slow fallback "
                     "(dequantize, then matmul)", type(e).__name__, str(e).splitlines()[0][:200])
         return None
+
+
+@lru_cache(maxsize=1)
+def get():
+    """``build()``, once per process: the extension, or None where it cannot be built."""
+    return build()

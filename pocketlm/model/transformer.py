@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pocketlm import kernels
 from pocketlm.model.config import ModelConfig
 
 
@@ -147,7 +148,15 @@ class Attention(nn.Module):
             if mask is None:
                 mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None]
             y = grouped_attention(q, k, v, mask)
-        else:  # long queries (prefill): the fused kernel, which never builds (T, L) per head
+        elif (
+            (mask is None or isinstance(write_index, slice))  # causal, same positions every row
+            and q.dtype == torch.float32
+            and not (torch.is_grad_enabled() and q.requires_grad)
+            and (kx := kernels.get()) is not None
+        ):  # prefill: our kernel, which skips the scores above the diagonal (2x SDPA here)
+            y = kx.causal_attention(q, k, v, k.shape[2] - T)  # (B, T, H, E)
+            return self.o_proj(y.view(B, T, -1))
+        else:  # long queries: the fused kernel, which never builds (T, L) per head
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, H, T, E) -> (B, T, H*E)
