@@ -3,6 +3,7 @@
 - ``qgemv.cpp``: quantized and dense fp32 matrix-vector products for a few rows;
 - ``decode.cpp``: a whole decode step (every layer) in one call, ``DecodePlan``;
 - ``attention.cpp``: causal grouped-query attention for prefill, ``causal_attention``;
+- ``elementwise.cpp``: ``rms_norm``, ``silu_mul`` and ``rope`` in one pass each;
 - ``kernels.h``: the SIMD pieces they share.
 
 ``build()`` JIT-compiles them through ``torch.utils.cpp_extension.load`` into
@@ -23,7 +24,8 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
-SOURCES = [HERE / "qgemv.cpp", HERE / "decode.cpp", HERE / "attention.cpp"]
+SOURCES = [HERE / "qgemv.cpp", HERE / "decode.cpp", HERE / "attention.cpp",
+           HERE / "elementwise.cpp"]
 HEADERS = [HERE / "kernels.h"]
 
 

@@ -186,10 +186,12 @@ torch::Tensor gemv_f32(torch::Tensor x, torch::Tensor w) {
 
 void register_decode(pybind11::module& m);  // decode.cpp
 void register_attention(pybind11::module& m);  // attention.cpp
+void register_elementwise(pybind11::module& m);  // elementwise.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode(m);
   register_attention(m);
+  register_elementwise(m);
   m.def("qgemv", &qgemv, "y = x @ dequant(codes).T from packed codes (AVX2/FMA)");
   m.def("gemv_f32", &gemv_f32, "y = x @ w.T for a few fp32 rows, w row-major (AVX2/FMA)");
   m.def("dequantize", &dequantize, "dense fp32 weight from packed codes");

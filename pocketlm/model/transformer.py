@@ -15,6 +15,11 @@ per-sequence positions, so the same call does a one-pass prefill, a batched deco
 each sequence at its own position, and the verification of several draft tokens at once.
 Rolling the cache back is just feeding earlier positions again: a position's entry is
 rewritten before it is read, and later entries are masked out.
+
+Without gradients (inference), RMSNorm, SwiGLU's product, RoPE and causal prefill attention
+use our compiled kernels (``pocketlm/kernels``, ``fast()``) where they exist: the same maths
+in one pass each. Training, and machines without the kernels, take the PyTorch lines beside
+them.
 """
 
 from __future__ import annotations
@@ -29,6 +34,11 @@ from pocketlm import kernels
 from pocketlm.model.config import ModelConfig
 
 
+def fast():
+    """Our compiled CPU kernels, for inference only (they have no backward); else None."""
+    return None if torch.is_grad_enabled() else kernels.get()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -36,7 +46,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op instead of five; identical in fp32
+        if x.dtype == torch.float32:
+            if (kx := fast()) is not None and x.is_contiguous():
+                return kx.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()  # lower precision: normalise in fp32, as the reference does
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -52,10 +64,13 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, heads, T, E); cos/sin (B, 1, T, E)."""
+    """x (B, T, heads, E); cos/sin (B, 1, T, E) -> x rotated, (B, T, heads, E)."""
+    if x.dtype == cos.dtype == torch.float32 and x.shape[-1] % 16 == 0 and (kx := fast()) is not None:
+        B, T, _, E = x.shape
+        return kx.rope(x, cos.expand(B, 1, T, E).reshape(B, T, E), sin.expand(B, 1, T, E).reshape(B, T, E))
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return x * cos.transpose(1, 2) + rotated * sin.transpose(1, 2)
 
 
 @dataclass
@@ -129,10 +144,10 @@ class Attention(nn.Module):
         write_index: torch.Tensor | slice | None,  # (B, K, T, E) positions, or one slice for all
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, E)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, E)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, E)
         if cache is not None:
             k_cache, v_cache = cache
             if isinstance(write_index, slice):  # the same run of positions in every row
@@ -151,8 +166,9 @@ class Attention(nn.Module):
         elif (
             (mask is None or isinstance(write_index, slice))  # causal, same positions every row
             and q.dtype == torch.float32
-            and not (torch.is_grad_enabled() and q.requires_grad)
-            and (kx := kernels.get()) is not None
+            and self.head_dim % 16 == 0
+            and self.head_dim <= 256
+            and (kx := fast()) is not None
         ):  # prefill: our kernel, which skips the scores above the diagonal (2x SDPA here)
             y = kx.causal_attention(q, k, v, k.shape[2] - T)  # (B, T, H, E)
             return self.o_proj(y.view(B, T, -1))
@@ -170,7 +186,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.hidden_dim, config.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if g.dtype == u.dtype == torch.float32 and (kx := fast()) is not None:
+            return self.down_proj(kx.silu_mul(g.contiguous(), u.contiguous()))
+        return self.down_proj(F.silu(g) * u)
 
 
 class Block(nn.Module):

@@ -1,8 +1,9 @@
-"""The prefill attention kernel (kernels/attention.cpp) against PyTorch's SDPA."""
+"""The prefill kernels (kernels/attention.cpp, kernels/elementwise.cpp) against PyTorch."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import make_tiny_model
 
 from pocketlm import kernels
 from pocketlm.engine.generate import prefill
@@ -46,6 +47,44 @@ def test_kernel_refuses_bad_shapes():
     q, k = torch.randn(1, 4, 8, 32), torch.randn(1, 2, 8, 32)
     with pytest.raises(RuntimeError, match="offset"):
         kx.causal_attention(q, k, k, 1)
+
+
+@needs_kernel
+def test_elementwise_kernels_match_pytorch():
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 17, 72), torch.randn(72)  # 72: a tail after the 8-wide loop
+    torch.testing.assert_close(kx.rms_norm(x, w, 1e-5), F.rms_norm(x, (72,), w, 1e-5))
+    g, u = 6 * torch.randn(5, 4100), torch.randn(5, 4100)  # several chunks and a tail
+    torch.testing.assert_close(kx.silu_mul(g, u), F.silu(g) * u)
+    q = torch.randn(2, 7, 3, 32)
+    cos, sin = torch.randn(2, 7, 32), torch.randn(2, 7, 32)
+    rotated = torch.cat([-q[..., 16:], q[..., :16]], dim=-1)
+    expected = q * cos[:, :, None] + rotated * sin[:, :, None]
+    torch.testing.assert_close(kx.rope(q, cos, sin), expected)
+    strided = torch.randn(2, 3, 7, 32).transpose(1, 2)  # not contiguous: still read right
+    torch.testing.assert_close(kx.rope(strided, cos, sin),
+                               kx.rope(strided.contiguous(), cos, sin))
+
+
+def test_training_keeps_pytorch_ops(tiny_model):
+    """Gradients flow through the model (the kernels have no backward, so they step aside)."""
+    net = tiny_model.network
+    ids = torch.randint(0, 260, (1, 40))
+    loss = net(ids).logsumexp(-1).mean()
+    loss.backward()
+    grads = [p.grad for p in net.parameters() if p.requires_grad]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    net.zero_grad(set_to_none=True)
+
+
+@needs_kernel
+def test_odd_head_width_falls_back_to_pytorch():
+    m = make_tiny_model(dim=72, n_heads=3, n_kv_heads=1)  # head width 24: no kernel shape
+    ids = torch.randint(0, 260, (1, 30))
+    with torch.inference_mode():
+        fast = m.network(ids)
+    slow = m.network(ids).detach()  # grad enabled: the PyTorch ops throughout
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
 
 
 @needs_kernel
