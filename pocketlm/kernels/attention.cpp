@@ -182,19 +182,8 @@ torch::Tensor causal_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v
           for (int u = 0; u < 8; ++u) mrow = std::max(mrow, tmp[u]);
           for (; j < lim; ++j) mrow = std::max(mrow, s[j]);
           const float alpha = std::exp(m[r] - mrow);  // 0 on the first block (m = -inf)
-          const __m256 vm = _mm256_set1_ps(mrow);
-          __m256 sum = _mm256_setzero_ps();
-          for (j = 0; j + 8 <= lim; j += 8) {
-            const __m256 p = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), vm));
-            _mm256_storeu_ps(s + j, p);
-            sum = _mm256_add_ps(sum, p);
-          }
-          float rowsum = hsum(sum);
-          for (; j < lim; ++j) {
-            s[j] = std::exp(s[j] - mrow);
-            rowsum += s[j];
-          }
-          for (; j < KB; ++j) s[j] = 0.f;  // masked (after the query) or past the keys
+          const float rowsum = exp_shifted_sum(s, std::max<int64_t>(lim, 0), mrow);
+          for (j = std::max<int64_t>(lim, 0); j < KB; ++j) s[j] = 0.f;  // after the query or past the keys
           m[r] = mrow;
           l[r] = l[r] * alpha + rowsum;
           if (alpha != 1.f) {

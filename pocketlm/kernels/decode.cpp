@@ -264,19 +264,7 @@ class DecodePlan {
             m = std::max(m, sc[j]);
           }
           const int64_t L = p + 1;
-          __m256 vsum = _mm256_setzero_ps();
-          const __m256 vm = _mm256_set1_ps(m);
-          int64_t j = 0;
-          for (; j + 8 <= L; j += 8) {
-            const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(sc + j), vm));
-            _mm256_storeu_ps(sc + j, e);
-            vsum = _mm256_add_ps(vsum, e);
-          }
-          float sum = hsum(vsum);
-          for (; j < L; ++j) {
-            sc[j] = std::exp(sc[j] - m);
-            sum += sc[j];
-          }
+          const float sum = exp_shifted_sum(sc, L, m);
           float* y = &Y[(b * H + h) * E];
           std::fill(y, y + E, 0.f);
           for (int64_t jj = 0; jj < L; ++jj) {
