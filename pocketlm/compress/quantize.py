@@ -197,7 +197,9 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
              sym: bool | None = None, keep: tuple[str, ...] | list[str] = (),
              calibration: str | None = None, samples: int = 64, seq_len: int = 512,
              seed: int = 0, act_order: bool | None = None, damp: float = 0.01,
-             clip: bool = False, checkpoint_dir: str | None = None, progress: bool = True):
+             clip: bool = False, checkpoint_dir: str | None = None, progress: bool = True,
+             tune_steps: int = 0, tune_lr: float = 2e-4, tune_batch: int = 2,
+             tune_norms: bool = False):
     """A quantized copy of ``model`` (a ``pocketlm.Model``); the original is left as it was.
 
     ``group_size`` None means per-channel for 8 bits and 128 otherwise. ``sym`` and
@@ -205,7 +207,11 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     and activation order (with static groups); RTN and AWQ a symmetric grid. ``clip`` searches
     each group's range for the least rounding error instead of plain min/max (``grid_params``).
     ``calibration`` is a text file for GPTQ/AWQ (default WikiText-2 validation).
-    ``checkpoint_dir`` lets an interrupted GPTQ/AWQ run resume from its last finished layer. Raises InvalidArgument for
+    ``checkpoint_dir`` lets an interrupted GPTQ/AWQ run resume from its last finished layer.
+    ``tune_steps`` > 0 then trains the per-group scales (and with ``tune_norms`` the RMSNorm
+    weights) for that many AdamW steps of ``tune_batch`` calibration windows at learning rate
+    ``tune_lr``, to match the float model's next-token distribution; codes, zeros and file size
+    stay as they are (``pocketlm.compress.tune``). Raises InvalidArgument for
     unsupported settings or calibration data, UnsupportedModel for an already-quantized model.
     """
     from pocketlm.api import Model
@@ -214,6 +220,9 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
         group_size = 0 if bits == 8 else 128
     keep = tuple(keep)
     check_settings(method, bits, group_size, keep)
+    from pocketlm.compress.tune import check_tune_settings, tune_scales
+
+    check_tune_settings(tune_steps, tune_lr, tune_batch)
     if getattr(model.network, "quantization_config", None):
         raise UnsupportedModel(
             "this model is already quantized; quantize the float original instead (load the "
@@ -226,15 +235,16 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     network = copy.deepcopy(model.network)
     t0 = time.perf_counter()
     calib_info = None
+    if method != "rtn" or tune_steps:
+        from pocketlm.compress.calibration import calibration_samples
+
+        batch, calib_info = calibration_samples(model.tokenizer, calibration, samples, seq_len, seed)
     if method == "rtn":
         for name in linear_names(network):
             lin = network.get_submodule(name)
             _replace(network, name, to_module(rtn(lin.weight.data, grid)))
         stats = {}
     else:
-        from pocketlm.compress.calibration import calibration_samples
-
-        batch, calib_info = calibration_samples(model.tokenizer, calibration, samples, seq_len, seed)
         if method == "gptq":
             from pocketlm.compress.gptq import gptq_network
 
@@ -247,6 +257,9 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
                                 progress=progress)
     modules = {name: grid.spec() for name in linear_names(network)}
     modules.update(_quantize_head(network, keep))
+    if tune_steps:  # on the finished network, int8 head included, against the float original
+        stats["tune"] = tune_scales(network, model.network, batch, tune_steps, tune_lr,
+                                    tune_batch, tune_norms, seed, progress)
     qconfig = {"quant_method": "pocketlm", "format": FORMAT, "method": method, "bits": bits,
                "group_size": group_size, "sym": sym, "keep": list(keep), "modules": modules}
     if method == "gptq":

@@ -1,0 +1,222 @@
+"""Scale tuning: after GPTQ, train only the per-group scales so the model matches its float self.
+
+GPTQ quantizes one Linear at a time to reproduce that Linear's outputs; the errors of 210
+Linears still add up along the network. This stage looks at the whole network at once, in the
+spirit of EfficientQAT's end-to-end stage ("E2E-QP", Chen et al., 2024) and OmniQuant: the
+integer codes q and zero points z stay exactly as GPTQ chose them and only the scales s of
+w = (q - z) * s move, trained to make the quantized model's next-token distribution match the
+float model's (KL(float || quantized)) on the calibration windows. Optionally the RMSNorm
+weights move too. The stored format does not change: the same codes, zeros and fp16 scales
+(N, G), so the file is exactly as large as before.
+
+Each scale (and norm weight) is trained as a relative factor, s = s0 * r with r starting at 1,
+so the learning rate is a relative step size and means the same for every layer whatever its
+weights' magnitude. At the end s is rounded to fp16 and written back into the QLinear modules.
+
+Cost: one forward of the float model per calibration window (cached as fp16 log-probs), then
+per step forward + backward of the quantized model over ``batch_windows`` windows, about 3x a
+float forward each. The embedding/output projection (int8 per row) stays as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pocketlm.compress.qlinear import QLinear
+from pocketlm.errors import InvalidArgument, UnsupportedModel
+
+log = logging.getLogger(__name__)
+
+
+def check_tune_settings(steps: int, lr: float, batch_windows: int = 1) -> None:
+    """Raise InvalidArgument for a step count, learning rate or batch that cannot train."""
+    if not isinstance(steps, int) or steps < 0:
+        raise InvalidArgument(f"tune steps must be an integer >= 0 (0 = no tuning), got {steps!r}")
+    if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
+        raise InvalidArgument(f"tune learning rate must be a finite number > 0, got {lr!r}; "
+                              "try 2e-4")
+    if not isinstance(batch_windows, int) or batch_windows < 1:
+        raise InvalidArgument(f"tune batch must be at least 1 window, got {batch_windows!r}")
+
+
+class TunableLinear(nn.Module):
+    """A QLinear's fixed codes with trainable scales: w = (q - z) * s0 * r, r (N, G) trained."""
+
+    def __init__(self, q: QLinear):
+        super().__init__()
+        self.source = q
+        k, gs = q.in_features, q.group_size
+        group = torch.arange(k) // gs  # (K,) group of each input column
+        qz = q.codes()[:, :k].float() - q.zeros.float()[:, group]  # (N, K), exact integers
+        self.register_buffer("qz", qz)
+        self.register_buffer("group", group)
+        self.register_buffer("s0", q.scales.float())  # (N, G)
+        self.r = nn.Parameter(torch.ones_like(self.s0))
+
+    def scales(self) -> torch.Tensor:
+        return self.s0 * self.r  # (N, G)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.qz * self.scales()[:, self.group]  # (N, K)
+        return F.linear(x, w)
+
+    def write_back(self) -> QLinear:
+        """The source QLinear with the tuned scales rounded to fp16 (codes and zeros as were)."""
+        with torch.no_grad():
+            s = self.scales().to(torch.float16)
+            s = torch.where(s > 0, s, self.source.scales)  # a scale driven to <= 0: keep GPTQ's
+            self.source.scales.copy_(s)
+        return self.source
+
+
+class TunableNorm(nn.Module):
+    """An RMSNorm whose weight is trained as w0 * r."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.source = norm
+        self.eps = norm.eps
+        self.register_buffer("w0", norm.weight.detach().float().clone())
+        self.r = nn.Parameter(torch.ones_like(self.w0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), self.w0.shape, self.w0 * self.r, self.eps)
+
+    def write_back(self) -> nn.Module:
+        with torch.no_grad():
+            self.source.weight.copy_((self.w0 * self.r).to(self.source.weight.dtype))
+        return self.source
+
+
+def _swap(root: nn.Module, kinds: tuple[type, ...], make) -> list[tuple[str, nn.Module]]:
+    swapped = []
+    for name, mod in list(root.named_modules()):
+        if name and isinstance(mod, kinds):
+            parent, _, leaf = name.rpartition(".")
+            new = make(mod)
+            setattr(root.get_submodule(parent) if parent else root, leaf, new)
+            swapped.append((name, new))
+    return swapped
+
+
+def _put_back(root: nn.Module, swapped: list[tuple[str, nn.Module]]) -> None:
+    for name, new in swapped:
+        parent, _, leaf = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, leaf, new.write_back())
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student); logits (T, V), teacher log-probs (T, V)."""
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    t = teacher_logp.float()
+    return (t.exp() * (t - s)).sum(-1).mean()
+
+
+def teacher_log_probs(teacher: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
+    """fp16 log-probs (T, V) of the float model for each window of ``batch`` (S, T)."""
+    with torch.inference_mode():
+        return [F.log_softmax(teacher(batch[i: i + 1])[0].float(), -1).half()
+                for i in range(batch.shape[0])]
+
+
+def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, steps: int,
+                lr: float = 2e-4, batch_windows: int = 2, norms: bool = False, seed: int = 0,
+                progress: bool = True) -> dict:
+    """Train the scales (and with ``norms`` the RMSNorm weights) of ``network``'s QLinears in
+    place to minimise KL(teacher || network) on the windows of ``batch`` (S, T).
+
+    ``teacher`` is the float network the quantized one was made from. AdamW on the relative
+    factors (no weight decay), cosine decay from ``lr`` to 0 over ``steps``, each step the mean
+    over ``batch_windows`` windows drawn in a seeded order (every window once per epoch).
+    Returns summary figures for the model card. Raises InvalidArgument for bad settings and
+    UnsupportedModel for a network without QLinear modules.
+    """
+    check_tune_settings(steps, lr, batch_windows)
+    if steps == 0:
+        return {}
+    from tqdm import tqdm
+
+    from pocketlm.model.transformer import RMSNorm
+
+    if not any(isinstance(m, QLinear) for m in network.modules()):
+        raise UnsupportedModel("scale tuning needs a quantized network (QLinear modules); "
+                               "quantize the model first")
+    t0 = time.perf_counter()
+    flags = [(p, p.requires_grad) for p in network.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    # Only the decoder blocks' Linears: the int8 embedding/output projection stays as it is.
+    swapped = [("layers." + n, m) for n, m in _swap(network.layers, (QLinear,), TunableLinear)]
+    if norms:
+        swapped += [("layers." + n, m) for n, m in _swap(network.layers, (RMSNorm,), TunableNorm)]
+        network.norm = TunableNorm(network.norm)
+        swapped.append(("norm", network.norm))
+    params = [m.r for _, m in swapped]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, steps) / steps)))
+    g = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    cache: dict[int, torch.Tensor] = {}
+    losses = []
+    was_training = network.training
+    network.train()
+    try:
+        with tqdm(total=steps, desc="tune scales", unit="step", disable=not progress) as bar:
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                loss_sum = 0.0
+                for _ in range(batch_windows):
+                    if not order:
+                        order = torch.randperm(batch.shape[0], generator=g).tolist()
+                    i = order.pop()
+                    if i not in cache:
+                        cache[i] = teacher_log_probs(teacher, batch[i: i + 1])[0]
+                    loss = kl_to_teacher(network(batch[i: i + 1])[0], cache[i]) / batch_windows
+                    loss.backward()
+                    loss_sum += loss.item()
+                opt.step()
+                sched.step()
+                losses.append(loss_sum)
+                bar.set_postfix(kl=f"{loss_sum:.4f}")
+                bar.update(1)
+    finally:
+        network.train(was_training)
+        _put_back(network, swapped)
+        for p, flag in flags:
+            p.requires_grad_(flag)
+    tail = losses[-max(1, steps // 10):]
+    return {"steps": steps, "lr": lr, "batch_windows": batch_windows, "norms": norms,
+            "seed": seed, "kl_first_step": round(losses[0], 5),
+            "kl_last_10pct_steps": round(sum(tail) / len(tail), 5),
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def tune(qmodel, reference, steps: int, lr: float = 2e-4, batch_windows: int = 2,
+         norms: bool = False, calibration: str | None = None, samples: int = 32,
+         seq_len: int = 512, seed: int = 0, progress: bool = True):
+    """A copy of the quantized ``qmodel`` with its scales tuned toward the float ``reference``
+    (the model it was quantized from); the card gets a "tune" step. For a model made in one go
+    use ``quantize(..., tune_steps=N)``. Raises as ``tune_scales`` and ``calibration_samples``.
+    """
+    import copy
+
+    from pocketlm.api import Model
+    from pocketlm.compress.calibration import calibration_samples
+
+    check_tune_settings(steps, lr, batch_windows)
+    if not getattr(qmodel.network, "quantization_config", None):
+        raise UnsupportedModel("tune() takes a quantized model; quantize the float one first")
+    batch, info = calibration_samples(qmodel.tokenizer, calibration, samples, seq_len, seed)
+    network = copy.deepcopy(qmodel.network)
+    stats = tune_scales(network, reference.network, batch, steps, lr, batch_windows, norms, seed,
+                        progress)
+    card = copy.deepcopy(qmodel.card)
+    card.add_step("tune", calibration=info, **stats)
+    return Model(network, qmodel.tokenizer, card)

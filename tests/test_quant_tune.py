@@ -1,0 +1,139 @@
+"""Scale tuning after GPTQ (pocketlm.compress.tune): only the fp16 scales move, the model moves
+toward its float original, and the result saves and loads like any quantized model."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import pocketlm
+from pocketlm.compress import quantize
+from pocketlm.compress.calibration import calibration_samples
+from pocketlm.compress.qlinear import QLinear
+from pocketlm.compress.tune import kl_to_teacher, teacher_log_probs, tune, tune_scales
+from pocketlm.errors import InvalidArgument, UnsupportedModel
+
+IDS = list(range(10, 60))
+KW = {"method": "gptq", "bits": 4, "group_size": 32, "samples": 6, "seq_len": 48,
+      "progress": False}
+TUNE = {"tune_steps": 40, "tune_lr": 3e-3, "tune_batch": 2}
+
+
+@pytest.fixture(scope="module")
+def calib_file(tmp_path_factory):
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "while", "cat",
+             "sleeps", "in", "warm", "sun", "and", "birds", "sing", "songs", "of", "spring",
+             "across", "green", "fields"]
+    g = torch.Generator().manual_seed(0)
+    text = " ".join(words[i] for i in torch.randint(0, len(words), (3000,), generator=g).tolist())
+    path = tmp_path_factory.mktemp("tune") / "calib.txt"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def made(calib_file):
+    """The float tiny model and, from it, GPTQ int4 g32 untuned, tuned, and tuned with norms."""
+    from tiny import make_tiny_model
+
+    model = make_tiny_model()
+    return {"float": model, "plain": quantize(model, calibration=calib_file, **KW),
+            "tuned": quantize(model, calibration=calib_file, **KW, **TUNE),
+            "norms": quantize(model, calibration=calib_file, **KW, **TUNE, tune_norms=True)}
+
+
+def _mean_kl(model, reference, batch) -> float:
+    teacher = teacher_log_probs(reference.network, batch)
+    with torch.inference_mode():
+        return sum(kl_to_teacher(model.network(batch[i: i + 1])[0], teacher[i]).item()
+                   for i in range(batch.shape[0])) / batch.shape[0]
+
+
+def _qlinears(model) -> dict[str, QLinear]:
+    return {n: m for n, m in model.network.named_modules() if isinstance(m, QLinear)}
+
+
+def test_tuning_moves_only_scales_and_lowers_the_kl_to_the_float_model(made, calib_file):
+    tiny_model, plain, tuned = made["float"], made["plain"], made["tuned"]
+    batch, _ = calibration_samples(tiny_model.tokenizer, calib_file, 6, 48, 0)
+    before, after = _mean_kl(plain, tiny_model, batch), _mean_kl(tuned, tiny_model, batch)
+    assert after < 0.8 * before
+    a, b = _qlinears(plain), _qlinears(tuned)
+    assert a.keys() == b.keys() and len(a) == 7 * tiny_model.config.n_layers
+    changed = 0
+    for name in a:
+        assert torch.equal(a[name].qweight, b[name].qweight), name  # codes as GPTQ chose them
+        assert torch.equal(a[name].zeros, b[name].zeros), name
+        assert b[name].scales.dtype == torch.float16
+        changed += not torch.equal(a[name].scales, b[name].scales)
+    assert changed == len(a)
+    # Without --tune-norms every float tensor (norms, int8 head) is untouched.
+    sa, sb = plain.network.state_dict(), tuned.network.state_dict()
+    for k in sa:
+        if not k.endswith(".scales") or k.startswith("embed_tokens"):
+            assert torch.equal(sa[k], sb[k]), k
+    settings = tuned.card.steps[-1]["settings"]["tune"]
+    assert (settings["steps"], settings["lr"], settings["norms"]) == (40, 3e-3, False)
+    assert settings["kl_last_10pct_steps"] < settings["kl_first_step"]
+
+
+def test_tuning_norms_changes_norm_weights_and_nothing_else_float(made):
+    tiny_model, plain, tuned = made["float"], made["plain"], made["norms"]
+    sa, sb = plain.network.state_dict(), tuned.network.state_dict()
+    norms = [k for k in sa if "norm" in k]
+    assert len(norms) == 2 * tiny_model.config.n_layers + 1
+    assert all(not torch.equal(sa[k], sb[k]) for k in norms)
+    assert torch.equal(sa["embed_tokens.qweight"], sb["embed_tokens.qweight"])
+    assert torch.equal(sa["embed_tokens.scales"], sb["embed_tokens.scales"])
+
+
+def test_tuned_model_saves_and_loads_with_bit_identical_logits(made, tmp_path):
+    plain, tuned = made["plain"], made["norms"]
+    before = tuned.logits(IDS)
+    plain.save(tmp_path / "plain")
+    tuned.save(tmp_path / "tuned")
+    loaded = pocketlm.load(tmp_path / "tuned")
+    assert torch.equal(loaded.logits(IDS), before)
+    assert loaded.card.steps[-1]["settings"]["tune"]["norms"] is True
+    size = (tmp_path / "tuned" / "model.safetensors").stat().st_size
+    assert size == (tmp_path / "plain" / "model.safetensors").stat().st_size
+
+
+def test_tune_is_reproducible_and_adds_a_card_step(made, calib_file):
+    tiny_model, plain = made["float"], made["plain"]
+    kw = {"steps": 3, "lr": 1e-3, "calibration": calib_file, "samples": 6, "seq_len": 48,
+          "progress": False}
+    kept = copy.deepcopy(plain.network.state_dict())
+    tuned = tune(plain, tiny_model, **kw)
+    assert torch.equal(tuned.logits(IDS), tune(plain, tiny_model, **kw).logits(IDS))
+    assert [s["step"] for s in tuned.card.steps][-2:] == ["quantize", "tune"]
+    assert all(torch.equal(v, plain.network.state_dict()[k]) for k, v in kept.items())  # a copy
+    assert not torch.equal(tuned.logits(IDS), plain.logits(IDS))
+    with pytest.raises(UnsupportedModel, match="quantized model"):
+        tune(tiny_model, tiny_model, steps=3, calibration=calib_file, samples=6, seq_len=48)
+    with pytest.raises(UnsupportedModel, match="QLinear"):
+        tune_scales(copy.deepcopy(tiny_model.network), tiny_model.network,
+                    torch.zeros(1, 8, dtype=torch.long), steps=1)
+
+
+@pytest.mark.parametrize("bad,match", [({"tune_steps": -1}, "steps must be an integer >= 0"),
+                                       ({"tune_steps": 1.5}, "steps must be an integer >= 0"),
+                                       ({"tune_steps": 2, "tune_lr": 0}, "learning rate"),
+                                       ({"tune_steps": 2, "tune_lr": -1e-3}, "learning rate"),
+                                       ({"tune_steps": 2, "tune_lr": float("nan")},
+                                        "learning rate"),
+                                       ({"tune_steps": 2, "tune_batch": 0}, "at least 1 window")])
+def test_bad_tune_settings_fail_before_any_work(tiny_model, calib_file, bad, match):
+    with pytest.raises(InvalidArgument, match=match):
+        quantize(tiny_model, calibration=calib_file, **KW, **bad)
+
+
+def test_cli_rejects_bad_tune_settings_before_loading(tmp_path, capsys):
+    from pocketlm.cli import main
+
+    rc = main(["quantize", "no-such-model", "--method", "gptq", "--bits", "4", "--tune-steps",
+               "10", "--tune-lr", "0", "-o", str(tmp_path / "o")])
+    assert rc not in (0, None)
+    assert "learning rate must be a finite number > 0" in capsys.readouterr().err
