@@ -249,7 +249,24 @@ def main() -> None:
                          "figures of the same config, marked as such")
     ap.add_argument("--report-only", action="store_true",
                     help="measure nothing: print the table of compress.json (and append it)")
+    t = ap.add_argument_group("--tune: GPTQ + scale tuning (key gptq_tuned of compress.json)")
+    t.add_argument("--tune", action="store_true",
+                   help="measure GPTQ g128 with and without scale tuning instead of CONFIGS")
+    t.add_argument("--tune-bits", default="4", help="comma-separated bit widths (4)")
+    t.add_argument("--tune-steps", type=int, default=40)
+    t.add_argument("--tune-lr", type=float, default=2e-3)
+    t.add_argument("--tune-batch", type=int, default=1)
+    t.add_argument("--tune-norms", action="store_true")
+    t.add_argument("--gptq-from", default="",
+                   help="BITS=DIR,...: GPTQ folders already made with these settings (checked "
+                        "against their card), instead of quantizing again")
+    t.add_argument("--tuned-from", default="",
+                   help="BITS=DIR,...: tuned folders already made with these settings (checked "
+                        "against their card), instead of tuning again")
     a = ap.parse_args()
+    if a.tune:
+        tune_study(a)
+        return
     if a.report_only:
         fig = load_results()
         print(report(fig))
@@ -293,6 +310,134 @@ def main() -> None:
     print(report(fig))
     if not a.no_section:
         section(fig)
+
+
+# -- GPTQ + scale tuning -------------------------------------------------------------------------
+def _folders(spec: str) -> dict[int, str]:
+    return {int(b): d for b, d in (x.split("=", 1) for x in spec.split(",") if x)}
+
+
+def _checked(folder: str, step: str, want: dict):
+    """Load a folder made earlier, after checking its card's ``step`` has the ``want`` settings."""
+    m = pocketlm.load(folder, threads=1)
+    got = next((st["settings"] for st in reversed(m.card.steps) if st["step"] == step), {})
+    cal = got.get("calibration", {})
+    flat = {**got, "samples": cal.get("samples"), "seq_len": cal.get("seq_len"),
+            "seed": cal.get("seed")}
+    bad = {k: (flat.get(k), v) for k, v in want.items() if flat.get(k) != v}
+    if bad:
+        raise SystemExit(f"{folder}: its {step!r} step differs from the settings asked: {bad}")
+    return m, got
+
+
+def _scored(model, ref_row: dict, a) -> dict:
+    with tempfile.TemporaryDirectory() as d:  # measured after save + load, as users run it
+        model.save(d)
+        size = os.path.getsize(Path(d) / "model.safetensors")
+        ids = model.encode("The history of the city begins in the year 1200, when")
+        loaded = pocketlm.load(d, threads=a.threads)
+        same = bool(torch.equal(loaded.logits(ids), model.logits(ids)))
+    row = {"file_bytes": size, "logits_bit_identical_after_load": same, **perplexity(loaded, a)}
+    for k in ("token_perplexity", "word_perplexity"):
+        row[f"{k}_vs_fp32_pct"] = 100 * (row[k] / ref_row[k] - 1)
+    return row
+
+
+def tune_study(a) -> None:
+    from pocketlm.compress.tune import tune
+
+    fig = read_results("compress", "gptq_tuned")
+    base = load_results()
+    settings = {"pages": a.pages, "context": a.context, "stride": a.stride,
+                "calibration_samples": a.samples, "calibration_seq_len": a.seq_len}
+    if fig.get("settings") != settings:  # rows of other eval settings do not compare
+        fig = {}
+    fig["settings"] = settings
+    ref = pocketlm.load("smollm2-135m-instruct", threads=a.threads)
+    same_eval = base.get("settings", {})
+    if all(same_eval.get(k) == settings[k] for k in ("pages", "context", "stride")) \
+            and "fp32" in base:  # the float model's figure does not change between runs
+        fig["fp32"] = {**base["fp32"], "from": "the quantize key (same pages and windows)"}
+    if "fp32" not in fig:
+        fig["fp32"] = perplexity(ref, a)
+    merge_results("compress", "gptq_tuned", fig)
+    gptq_from, tuned_from = _folders(a.gptq_from), _folders(a.tuned_from)
+    same_cal = all(same_eval.get(k) == settings[k] for k in
+                   ("pages", "context", "stride", "calibration_samples", "calibration_seq_len"))
+    for bits in (int(b) for b in a.tune_bits.split(",")):
+        name = f"int{bits}_gptq_g128"
+        cal = {"samples": a.samples, "seq_len": a.seq_len, "seed": 0}
+        want_q = {"method": "gptq", "bits": bits, "group_size": 128, **cal}
+
+        def gptq(bits=bits, want_q=want_q):
+            if bits in gptq_from:
+                return _checked(gptq_from[bits], "quantize", want_q)[0]
+            return quantize(ref, "gptq", bits, 128, samples=a.samples, seq_len=a.seq_len)
+
+        q = None
+        if name not in fig and same_cal and "token_perplexity" in base.get(name, {}):
+            # GPTQ is deterministic and unchanged since: its figure from the quantize key
+            fig[name] = {k: base[name][k] for k in ("file_bytes", "word_perplexity",
+                                                     "token_perplexity", "tokens_scored",
+                                                     "logits_bit_identical_after_load")}
+            fig[name].update({f"{k}_vs_fp32_pct": 100 * (fig[name][k] / fig["fp32"][k] - 1)
+                              for k in ("token_perplexity", "word_perplexity")},
+                             **{"from": "the quantize key (same settings)"})
+        if name not in fig:
+            q = gptq()
+            fig[name] = _scored(q, fig["fp32"], a)
+            merge_results("compress", "gptq_tuned", fig)
+        tuned_name = name + ("_tuned_norms" if a.tune_norms else "_tuned")
+        if bits in tuned_from:
+            tuned, st = _checked(tuned_from[bits], "tune", {
+                "steps": a.tune_steps, "lr": a.tune_lr, "batch_windows": a.tune_batch,
+                "norms": a.tune_norms, **cal})
+            _checked(tuned_from[bits], "quantize", want_q)
+            row = {"tuned_in_an_earlier_run": tuned_from[bits]}
+        else:
+            tuned = tune(q or gptq(), ref, a.tune_steps, a.tune_lr, a.tune_batch, a.tune_norms,
+                         samples=a.samples, seq_len=a.seq_len)
+            st, row = tuned.card.steps[-1]["settings"], {}
+        row.update(tune_steps=a.tune_steps, tune_lr=a.tune_lr, tune_batch_windows=a.tune_batch,
+                   tune_norms=a.tune_norms, threads=a.threads, tune_s=st["seconds"],
+                   tune_kl_first_step=st["kl_first_step"],
+                   tune_kl_last_10pct_steps=st["kl_last_10pct_steps"],
+                   **_scored(tuned, fig["fp32"], a))
+        fig[tuned_name] = row
+        print(json.dumps({k: fig[k] for k in (name, tuned_name)}, indent=1), flush=True)
+        merge_results("compress", "gptq_tuned", fig)
+    print(tune_report(fig))
+    if not a.no_section:
+        append_section("GPTQ + scale tuning (bench/compress.py --tune)", tune_note(fig))
+
+
+def tune_report(fig: dict) -> str:
+    ref = fig["fp32"]
+    rows = [["fp32", "", ref["word_perplexity"], "", ref["token_perplexity"], "",
+             ref.get("tokens_scored", ""), "", ""]]
+    for name, r in fig.items():
+        if name in ("settings", "fp32") or "token_perplexity" not in r:
+            continue
+        rows.append([name, f"{r['file_bytes'] / 1e6:.1f} MB", r["word_perplexity"],
+                     f"{r['word_perplexity_vs_fp32_pct']:+.1f}%", r["token_perplexity"],
+                     f"{r['token_perplexity_vs_fp32_pct']:+.1f}%", r["tokens_scored"],
+                     f"{r['tune_steps']} x {r['tune_batch_windows']} x "
+                     f"{fig['settings']['calibration_seq_len']} tok, lr {r['tune_lr']:g}"
+                     if "tune_s" in r else "",
+                     f"{r['tune_s'] / 60:.0f} min ({r['threads']} thr)" if "tune_s" in r else ""])
+    return markdown_table(["config", "file", "word ppl", "vs fp32", "token ppl", "vs fp32",
+                           "tokens", "tuning", "tuning time"], rows)
+
+
+def tune_note(fig: dict) -> str:
+    s = fig["settings"]
+    return (f"WikiText-2 test, first {s['pages']} pages, context {s['context']}, stride "
+            f"{s['stride']} (pocketlm.evaluate), every model after save + load. GPTQ as in the "
+            f"quantize section ({s['calibration_samples']} x {s['calibration_seq_len']} tokens of "
+            "wiki.valid), then `tune()`: codes and zero points fixed, the fp16 group scales "
+            "(`_norms`: and the RMSNorm weights) trained to minimise KL(fp32 || quantized) on "
+            "the same calibration windows with AdamW, cosine decay; steps x windows and the "
+            "relative lr in the table. Same format, same file size.\n\n" + tune_report(fig))
 
 
 def section(fig: dict) -> None:

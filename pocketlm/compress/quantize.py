@@ -198,7 +198,7 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
              calibration: str | None = None, samples: int = 64, seq_len: int = 512,
              seed: int = 0, act_order: bool | None = None, damp: float = 0.01,
              clip: bool = False, checkpoint_dir: str | None = None, progress: bool = True,
-             tune_steps: int = 0, tune_lr: float = 2e-4, tune_batch: int = 2,
+             tune_steps: int = 0, tune_lr: float = 2e-3, tune_batch: int = 1,
              tune_norms: bool = False):
     """A quantized copy of ``model`` (a ``pocketlm.Model``); the original is left as it was.
 

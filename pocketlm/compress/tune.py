@@ -126,7 +126,7 @@ def teacher_log_probs(teacher: nn.Module, batch: torch.Tensor) -> list[torch.Ten
 
 
 def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, steps: int,
-                lr: float = 2e-4, batch_windows: int = 2, norms: bool = False, seed: int = 0,
+                lr: float = 2e-3, batch_windows: int = 1, norms: bool = False, seed: int = 0,
                 progress: bool = True) -> dict:
     """Train the scales (and with ``norms`` the RMSNorm weights) of ``network``'s QLinears in
     place to minimise KL(teacher || network) on the windows of ``batch`` (S, T).
@@ -198,7 +198,7 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def tune(qmodel, reference, steps: int, lr: float = 2e-4, batch_windows: int = 2,
+def tune(qmodel, reference, steps: int, lr: float = 2e-3, batch_windows: int = 1,
          norms: bool = False, calibration: str | None = None, samples: int = 32,
          seq_len: int = 512, seed: int = 0, progress: bool = True):
     """A copy of the quantized ``qmodel`` with its scales tuned toward the float ``reference``

@@ -1,0 +1,91 @@
+"""Choosing scale-tuning settings on held-out *validation* text (never the scored test pages).
+
+    .venv/bin/python bench/quant_tune_select.py --gptq DIR --variants JSON [--held 6] [--base]
+        JSON: '[{"steps": 40, "lr": 2e-3, "bw": 1, "norms": false}, ...]'
+
+DIR is a GPTQ folder made by ``quantize(..., samples=32, seq_len=512)`` (the calibration of
+bench/compress.py). Each variant tunes a copy with ``pocketlm.compress.tune.tune`` on those
+same 32 windows of wiki.valid, saves it under --out (bench/compress.py --tune --tuned-from
+then scores it on the test pages), and scores it on ``--held`` 512-token windows of wiki.valid
+that overlap no calibration window: perplexity and KL(fp32 || model). ``--base`` also scores
+fp32 and the untuned GPTQ model. Figures go to bench/results/compress.json under
+"gptq_tuned_selection" (merged, so earlier variants stay).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import merge_results, read_results
+
+import pocketlm
+from pocketlm.compress.calibration import DEFAULT_CALIBRATION, calibration_samples
+from pocketlm.compress.tune import kl_to_teacher, teacher_log_probs, tune
+
+
+def held_out(tokenizer, n: int, seq_len: int = 512, samples: int = 32) -> torch.Tensor:
+    """``n`` windows (n, seq_len) of wiki.valid, evenly spread, overlapping no calibration one."""
+    ids = torch.tensor(tokenizer.encode(DEFAULT_CALIBRATION.read_text()))
+    g = torch.Generator().manual_seed(0)  # calibration_samples' draw, to stay clear of it
+    starts = torch.randint(0, len(ids) - seq_len, (samples,), generator=g).tolist()
+    out = [ids[s: s + seq_len] for s in range(0, len(ids) - seq_len, len(ids) // 40)
+           if all(abs(s - c) >= seq_len for c in starts)]
+    return torch.stack(out[:n])
+
+
+def score(network, held: torch.Tensor, teacher: list[torch.Tensor]) -> dict:
+    nll = kl = 0.0
+    with torch.inference_mode():
+        for i in range(held.shape[0]):
+            logits = network(held[i: i + 1])[0]
+            nll += F.cross_entropy(logits[:-1].float(), held[i, 1:]).item()
+            kl += kl_to_teacher(logits, teacher[i]).item()
+    return {"wiki_valid_ppl": math.exp(nll / len(held)), "kl_to_fp32": kl / len(held)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--gptq", required=True)
+    ap.add_argument("--variants", required=True)
+    ap.add_argument("--held", type=int, default=6)
+    ap.add_argument("--base", action="store_true")
+    ap.add_argument("--out", default="/tmp/pocketlm-tuned")
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    ref = pocketlm.load("smollm2-135m-instruct", threads=a.threads)
+    q = pocketlm.load(a.gptq, threads=a.threads)
+    held = held_out(ref.tokenizer, a.held)
+    teacher = teacher_log_probs(ref.network, held)
+    fig = read_results("compress", "gptq_tuned_selection")
+    fig["held_out"] = (f"{len(held)} x 512 tokens of wiki.valid, evenly spread, overlapping no "
+                       "calibration window")
+    if a.base:
+        fig["fp32"] = score(ref.network, held, teacher)
+        fig["gptq"] = score(q.network, held, teacher)
+        print(fig["fp32"], fig["gptq"], flush=True)
+    calibration_samples(ref.tokenizer, None, 32, 512, 0)  # fail early on a missing file
+    for v in json.loads(a.variants):
+        t = tune(q, ref, v["steps"], v["lr"], v.get("bw", 1), v.get("norms", False),
+                 samples=32, seq_len=512, seed=0)
+        name = "-".join(f"{k}{v[k]}" for k in sorted(v))
+        t.save(Path(a.out) / name)
+        st = t.card.steps[-1]["settings"]
+        fig[name] = {**score(t.network, held, teacher), "tune_s": st["seconds"],
+                     "kl_first_step": st["kl_first_step"],
+                     "kl_last_10pct_steps": st["kl_last_10pct_steps"],
+                     "folder": str(Path(a.out) / name)}
+        print(name, fig[name], flush=True)
+        merge_results("compress", "gptq_tuned_selection", fig)
+    merge_results("compress", "gptq_tuned_selection", fig)
+
+
+if __name__ == "__main__":
+    main()
