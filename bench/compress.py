@@ -264,6 +264,12 @@ def main() -> None:
                    help="BITS=DIR,...: tuned folders already made with these settings (checked "
                         "against their card), instead of tuning again")
     a = ap.parse_args()
+    if a.tune and a.report_only:
+        fig = read_results("compress", "gptq_tuned")
+        print(tune_report(fig))
+        if not a.no_section:
+            append_section("GPTQ + scale tuning (bench/compress.py --tune)", tune_note(fig))
+        return
     if a.tune:
         tune_study(a)
         return
