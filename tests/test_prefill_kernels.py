@@ -78,6 +78,18 @@ def test_training_keeps_pytorch_ops(tiny_model):
 
 
 @needs_kernel
+def test_block_with_one_rope_table_for_the_whole_batch(tiny_model):
+    """GPTQ and AWQ call a block with a (1, 1, T, E) RoPE table broadcast over the batch."""
+    net = tiny_model.network
+    x = torch.randn(3, 20, net.config.dim)
+    cos, sin = net.rope_cos[:20][None, None], net.rope_sin[:20][None, None]
+    with torch.no_grad():
+        fast = net.layers[0](x, cos, sin, None, None, None)
+    slow = net.layers[0](x, cos, sin, None, None, None).detach()  # grad on: PyTorch ops
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+@needs_kernel
 def test_odd_head_width_falls_back_to_pytorch():
     m = make_tiny_model(dim=72, n_heads=3, n_kv_heads=1)  # head width 24: no kernel shape
     ids = torch.randint(0, 260, (1, 30))

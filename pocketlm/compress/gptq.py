@@ -125,12 +125,7 @@ class Layerwise:
         outs = []
         for i in range(0, self.hidden.shape[0], self.micro):
             x = self.hidden[i: i + self.micro]
-            # one real (B, 1, L, E) table, not a stride-0 broadcast: the RoPE kernel of
-            # apply_rope needs contiguous cos/sin of the batch's size
-            b = x.shape[0]
-            cos = self.cos.expand(b, -1, -1, -1).contiguous()
-            sin = self.sin.expand(b, -1, -1, -1).contiguous()
-            outs.append(block(x, cos, sin, self.mask, None, None))
+            outs.append(block(x, self.cos, self.sin, self.mask, None, None))
         if update:
             self.hidden = torch.cat(outs)
 

@@ -66,8 +66,9 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, T, heads, E); cos/sin (B, 1, T, E) -> x rotated, (B, T, heads, E)."""
     if x.dtype == cos.dtype == torch.float32 and x.shape[-1] % 16 == 0 and (kx := fast()) is not None:
-        B, T, _, E = x.shape
-        return kx.rope(x, cos.expand(B, 1, T, E).reshape(B, T, E), sin.expand(B, 1, T, E).reshape(B, T, E))
+        B, T, _, E = x.shape  # cos/sin may be one table broadcast over the batch: copy it out
+        return kx.rope(x, cos.expand(B, 1, T, E).reshape(B, T, E).contiguous(),
+                       sin.expand(B, 1, T, E).reshape(B, T, E).contiguous())
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos.transpose(1, 2) + rotated * sin.transpose(1, 2)
