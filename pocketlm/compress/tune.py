@@ -40,7 +40,7 @@ def check_tune_settings(steps: int, lr: float, batch_windows: int = 1) -> None:
         raise InvalidArgument(f"tune steps must be an integer >= 0 (0 = no tuning), got {steps!r}")
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
         raise InvalidArgument(f"tune learning rate must be a finite number > 0, got {lr!r}; "
-                              "try 2e-4")
+                              "try the default, 2e-3")
     if not isinstance(batch_windows, int) or batch_windows < 1:
         raise InvalidArgument(f"tune batch must be at least 1 window, got {batch_windows!r}")
 
