@@ -46,6 +46,7 @@ from pocketlm.train.trainer import (
     check_memory,
     cross_entropy,
     estimate_memory,
+    evaluate,
     train,
 )
 
@@ -539,3 +540,12 @@ def test_bf16_autocast_where_the_cpu_has_it(tmp_path):
     result = train(model.network, data, data.head(4), quick(bf16=True), tmp_path)
     assert result.evals[-1]["loss"] < result.evals[0]["loss"]
     assert all(p.dtype == torch.float32 for p in model.network.parameters())  # weights stay fp32
+
+
+def test_evaluation_on_a_few_rows_spreads_them_over_the_whole_held_out_set(tiny_model):
+    """A file sorted by topic must not be judged on its first topic only."""
+    blocks = tiny_data(n_rows=20)
+    spread = Blocks(blocks.tokens[[0, 6, 13, 19]], blocks.mask[[0, 6, 13, 19]])
+    some = evaluate(tiny_model.network, blocks, batch_size=3, rows=4)
+    assert some["loss"] == pytest.approx(evaluate(tiny_model.network, spread)["loss"], abs=1e-6)
+    assert evaluate(tiny_model.network, blocks, rows=0) == evaluate(tiny_model.network, blocks)
