@@ -393,7 +393,8 @@ def tune_study(a) -> None:
             q = gptq()
             fig[name] = _scored(q, fig["fp32"], a)
             merge_results("compress", "gptq_tuned", fig)
-        tuned_name = name + ("_tuned_norms" if a.tune_norms else "_tuned")
+        tuned_name = (name + ("_tuned_norms" if a.tune_norms else "_tuned")
+                      + (f"_{a.tune_steps}steps" if a.tune_steps != 40 else ""))  # 40: first runs
         if bits in tuned_from:
             tuned, st = _checked(tuned_from[bits], "tune", {
                 "steps": a.tune_steps, "lr": a.tune_lr, "batch_windows": a.tune_batch,
