@@ -22,82 +22,40 @@ namespace {
 constexpr int QB = 16;  // query positions per task
 constexpr int KB = 64;  // keys per block
 
-// S[r][j] = sum_e Q[r][e] * KT[e][j] for R rows (R % 4 == 0) and KB columns.
-// KT is the transposed key block: KT[e * ldk + j].
-inline void scores_tile(const float* Q, int E, int R, const float* KT, int64_t ldk, float* S) {
-  for (int r = 0; r < R; r += 4) {
-    const float* q0 = Q + r * E;
-    for (int j = 0; j < KB; j += 16) {
-      __m256 a00 = _mm256_setzero_ps(), a01 = _mm256_setzero_ps();
-      __m256 a10 = _mm256_setzero_ps(), a11 = _mm256_setzero_ps();
-      __m256 a20 = _mm256_setzero_ps(), a21 = _mm256_setzero_ps();
-      __m256 a30 = _mm256_setzero_ps(), a31 = _mm256_setzero_ps();
-      const float* kt = KT + j;
-      for (int e = 0; e < E; ++e) {
-        const __m256 k0 = _mm256_loadu_ps(kt + e * ldk), k1 = _mm256_loadu_ps(kt + e * ldk + 8);
-        __m256 b = _mm256_broadcast_ss(q0 + e);
-        a00 = _mm256_fmadd_ps(b, k0, a00);
-        a01 = _mm256_fmadd_ps(b, k1, a01);
-        b = _mm256_broadcast_ss(q0 + E + e);
-        a10 = _mm256_fmadd_ps(b, k0, a10);
-        a11 = _mm256_fmadd_ps(b, k1, a11);
-        b = _mm256_broadcast_ss(q0 + 2 * E + e);
-        a20 = _mm256_fmadd_ps(b, k0, a20);
-        a21 = _mm256_fmadd_ps(b, k1, a21);
-        b = _mm256_broadcast_ss(q0 + 3 * E + e);
-        a30 = _mm256_fmadd_ps(b, k0, a30);
-        a31 = _mm256_fmadd_ps(b, k1, a31);
-      }
-      float* s = S + r * KB + j;
-      _mm256_storeu_ps(s, a00);
-      _mm256_storeu_ps(s + 8, a01);
-      _mm256_storeu_ps(s + KB, a10);
-      _mm256_storeu_ps(s + KB + 8, a11);
-      _mm256_storeu_ps(s + 2 * KB, a20);
-      _mm256_storeu_ps(s + 2 * KB + 8, a21);
-      _mm256_storeu_ps(s + 3 * KB, a30);
-      _mm256_storeu_ps(s + 3 * KB + 8, a31);
+// The one micro-kernel of both products: for 4 rows r and 16 columns,
+// C[r][0..16) = (C[r][0..16) if accumulate) + sum_{i < n} A[r * lda + i] * B[i * ldb + 0..16).
+inline void tile4x16(const float* A, int64_t lda, const float* B, int64_t ldb, int64_t n,
+                     float* C, int64_t ldc, bool accumulate) {
+  __m256 c[4][2];
+  for (int r = 0; r < 4; ++r)
+    for (int h = 0; h < 2; ++h)
+      c[r][h] = accumulate ? _mm256_loadu_ps(C + r * ldc + 8 * h) : _mm256_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const __m256 b0 = _mm256_loadu_ps(B + i * ldb), b1 = _mm256_loadu_ps(B + i * ldb + 8);
+    for (int r = 0; r < 4; ++r) {
+      const __m256 a = _mm256_broadcast_ss(A + r * lda + i);
+      c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
+      c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
     }
   }
+  for (int r = 0; r < 4; ++r)
+    for (int h = 0; h < 2; ++h) _mm256_storeu_ps(C + r * ldc + 8 * h, c[r][h]);
+}
+
+// Scores S[r][j] = sum_e Q[r][e] * KT[e][j] for R rows (R % 4 == 0) and KB keys; KT is the
+// transposed key block, KT[e * ldk + j].
+inline void scores_tile(const float* Q, int E, int R, const float* KT, int64_t ldk, float* S) {
+  for (int r = 0; r < R; r += 4)
+    for (int j = 0; j < KB; j += 16)
+      tile4x16(Q + r * E, E, KT + j, ldk, E, S + r * KB + j, KB, false);
 }
 
 // O[r][:] += sum_{j < nk} P[r][j] * V[j][:] for R rows (R % 4 == 0); V rows ldv apart.
 inline void values_tile(const float* P, int R, int nk, const float* V, int64_t ldv, int E,
                         float* O) {
-  for (int r = 0; r < R; r += 4) {
-    const float* p = P + r * KB;
-    for (int c = 0; c < E; c += 16) {
-      float* o = O + r * E + c;
-      __m256 a00 = _mm256_loadu_ps(o), a01 = _mm256_loadu_ps(o + 8);
-      __m256 a10 = _mm256_loadu_ps(o + E), a11 = _mm256_loadu_ps(o + E + 8);
-      __m256 a20 = _mm256_loadu_ps(o + 2 * E), a21 = _mm256_loadu_ps(o + 2 * E + 8);
-      __m256 a30 = _mm256_loadu_ps(o + 3 * E), a31 = _mm256_loadu_ps(o + 3 * E + 8);
-      for (int j = 0; j < nk; ++j) {
-        const float* vr = V + j * ldv + c;
-        const __m256 v0 = _mm256_loadu_ps(vr), v1 = _mm256_loadu_ps(vr + 8);
-        __m256 b = _mm256_broadcast_ss(p + j);
-        a00 = _mm256_fmadd_ps(b, v0, a00);
-        a01 = _mm256_fmadd_ps(b, v1, a01);
-        b = _mm256_broadcast_ss(p + KB + j);
-        a10 = _mm256_fmadd_ps(b, v0, a10);
-        a11 = _mm256_fmadd_ps(b, v1, a11);
-        b = _mm256_broadcast_ss(p + 2 * KB + j);
-        a20 = _mm256_fmadd_ps(b, v0, a20);
-        a21 = _mm256_fmadd_ps(b, v1, a21);
-        b = _mm256_broadcast_ss(p + 3 * KB + j);
-        a30 = _mm256_fmadd_ps(b, v0, a30);
-        a31 = _mm256_fmadd_ps(b, v1, a31);
-      }
-      _mm256_storeu_ps(o, a00);
-      _mm256_storeu_ps(o + 8, a01);
-      _mm256_storeu_ps(o + E, a10);
-      _mm256_storeu_ps(o + E + 8, a11);
-      _mm256_storeu_ps(o + 2 * E, a20);
-      _mm256_storeu_ps(o + 2 * E + 8, a21);
-      _mm256_storeu_ps(o + 3 * E, a30);
-      _mm256_storeu_ps(o + 3 * E + 8, a31);
-    }
-  }
+  for (int r = 0; r < R; r += 4)
+    for (int c = 0; c < E; c += 16)
+      tile4x16(P + r * KB, KB, V + c, ldv, nk, O + r * E + c, E, true);
 }
 
 }  // namespace
