@@ -47,7 +47,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32:
-            if (kx := fast()) is not None and x.is_contiguous():
+            if self.weight.dtype == torch.float32 and x.is_contiguous() and (kx := fast()) is not None:
                 return kx.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         xf = x.float()  # lower precision: normalise in fp32, as the reference does
