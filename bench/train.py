@@ -176,6 +176,20 @@ def torchrun_tokens_per_s(out: Path, steps: int) -> dict | None:
     return {"tokens_per_s": log["tokens_per_s"], "wall_s": time.perf_counter() - t0}
 
 
+def study_settings(steps: int, rows: int, lr: float, eval_every: int, eval_rows: int):
+    """The student study's training settings: 10% warm-up, no checkpoints, seed 0."""
+    return TrainSettings(
+        steps=steps,
+        batch_size=rows,
+        lr=lr,
+        warmup_steps=max(1, steps // 10),
+        eval_every=eval_every,
+        eval_rows=eval_rows,
+        checkpoint_every=0,
+        seed=0,
+    )
+
+
 def students_study(a, say) -> None:
     """Priority bar: KD vs CE-only vs random init for a 10-of-30-layer student, same budget.
 
@@ -230,16 +244,7 @@ def students_study(a, say) -> None:
     say("students study:", fig["settings"])
 
     def settings(steps: int, lr: float, eval_every: int) -> TrainSettings:
-        return TrainSettings(
-            steps=steps,
-            batch_size=rows,
-            lr=lr,
-            warmup_steps=max(1, steps // 10),
-            eval_every=eval_every,
-            eval_rows=a.eval_rows,
-            checkpoint_every=0,
-            seed=0,
-        )
+        return study_settings(steps, rows, lr, eval_every, a.eval_rows)
 
     fig["teacher_domain_ppl"] = ppl(teacher.network, held)
     say("teacher held-out ppl", fig["teacher_domain_ppl"])
@@ -324,16 +329,7 @@ def stronger_teacher_kd(a, say) -> None:
     st_data = Data(data.train.head(steps * rows), held, data.info)
 
     def settings(n: int, lr: float, eval_every: int) -> TrainSettings:
-        return TrainSettings(
-            steps=n,
-            batch_size=rows,
-            lr=lr,
-            warmup_steps=max(1, n // 10),
-            eval_every=eval_every,
-            eval_rows=s0["eval_rows"],
-            checkpoint_every=0,
-            seed=0,
-        )
+        return study_settings(n, rows, lr, eval_every, s0["eval_rows"])
 
     t0 = time.perf_counter()
     corrected = finetune(
