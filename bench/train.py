@@ -295,9 +295,9 @@ def students_study(a, say) -> None:
         say(name, {k: v for k, v in fig[name].items() if k != "train_ce_curve"})
     if cache.exists():
         fig["teacher_cache_bytes"] = cache.stat().st_size
-    plot_students(fig, REPO / "bench" / "results" / "train_students.png")
-    if a.quick:
+    if a.quick:  # a check that the script runs: keep the measured plot and figures
         return
+    plot_students(fig, REPO / "bench" / "results" / "train_students.png")
     previous = json.loads((REPO / "bench" / "results" / "train.json").read_text())
     previous.pop("machine", None)
     if "students" in previous:  # an earlier study, kept under a name that says how it differed
