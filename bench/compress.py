@@ -257,6 +257,10 @@ def main() -> None:
     t.add_argument("--tune-lr", type=float, default=2e-3)
     t.add_argument("--tune-batch", type=int, default=1)
     t.add_argument("--tune-norms", action="store_true")
+    t.add_argument("--tune-samples", type=int, default=0,
+                   help="calibration windows for the tuning (0: the same --samples as GPTQ); "
+                        "bench/quant_tune_select.py draws them around its held-out windows")
+    t.add_argument("--tune-seed", type=int, default=0, help="seed of the tuning windows' draw")
     t.add_argument("--gptq-from", default="",
                    help="BITS=DIR,...: GPTQ folders already made with these settings (checked "
                         "against their card), instead of quantizing again")
@@ -393,19 +397,23 @@ def tune_study(a) -> None:
             q = gptq()
             fig[name] = _scored(q, fig["fp32"], a)
             merge_results("compress", "gptq_tuned", fig)
+        tune_cal = {"samples": a.tune_samples or a.samples, "seq_len": a.seq_len,
+                    "seed": a.tune_seed}
         tuned_name = (name + ("_tuned_norms" if a.tune_norms else "_tuned")
-                      + (f"_{a.tune_steps}steps" if a.tune_steps != 40 else ""))  # 40: first runs
+                      + (f"_{a.tune_steps}steps" if a.tune_steps != 40 else "")  # 40: first runs
+                      + (f"_{tune_cal['samples']}windows" if tune_cal != cal else ""))
         if bits in tuned_from:
             tuned, st = _checked(tuned_from[bits], "tune", {
                 "steps": a.tune_steps, "lr": a.tune_lr, "batch_windows": a.tune_batch,
-                "norms": a.tune_norms, **cal})
+                "norms": a.tune_norms, **tune_cal})
             _checked(tuned_from[bits], "quantize", want_q)
             row = {"tuned_in_an_earlier_run": tuned_from[bits]}
         else:
             tuned = tune(q or gptq(), ref, a.tune_steps, a.tune_lr, a.tune_batch, a.tune_norms,
-                         samples=a.samples, seq_len=a.seq_len)
+                         samples=tune_cal["samples"], seq_len=a.seq_len, seed=a.tune_seed)
             st, row = tuned.card.steps[-1]["settings"], {}
-        row.update(tune_steps=a.tune_steps, tune_lr=a.tune_lr, tune_batch_windows=a.tune_batch,
+        row.update(tune_calibration=st.get("calibration", {}),
+                   tune_steps=a.tune_steps, tune_lr=a.tune_lr, tune_batch_windows=a.tune_batch,
                    tune_norms=a.tune_norms, threads=a.threads, tune_s=st["seconds"],
                    tune_kl_first_step=st["kl_first_step"],
                    tune_kl_last_10pct_steps=st["kl_last_10pct_steps"],
@@ -429,7 +437,9 @@ def tune_report(fig: dict) -> str:
                      f"{r['word_perplexity_vs_fp32_pct']:+.1f}%", r["token_perplexity"],
                      f"{r['token_perplexity_vs_fp32_pct']:+.1f}%", r["tokens_scored"],
                      f"{r['tune_steps']} x {r['tune_batch_windows']} x "
-                     f"{fig['settings']['calibration_seq_len']} tok, lr {r['tune_lr']:g}"
+                     f"{fig['settings']['calibration_seq_len']} tok, lr {r['tune_lr']:g}, "
+                     f"{r.get('tune_calibration', {}).get('samples', fig['settings']['calibration_samples'])}"
+                     " windows"
                      if "tune_s" in r else "",
                      f"{r['tune_s'] / 60:.0f} min ({r['threads']} thr)" if "tune_s" in r else ""])
     return markdown_table(["config", "file", "word ppl", "vs fp32", "token ppl", "vs fp32",
@@ -443,8 +453,10 @@ def tune_note(fig: dict) -> str:
             f"quantize section ({s['calibration_samples']} x {s['calibration_seq_len']} tokens of "
             "wiki.valid), then `tune()`: codes and zero points fixed, the fp16 group scales "
             "(`_norms`: and the RMSNorm weights) trained to minimise KL(fp32 || quantized) on "
-            "the same calibration windows with AdamW, cosine decay; steps x windows and the "
-            "relative lr in the table. Same format, same file size.\n\n" + tune_report(fig))
+            "calibration windows of wiki.valid (GPTQ's own, or `_Nwindows`: N windows drawn "
+            "around bench/quant_tune_select.py's held-out ones) with AdamW, cosine decay; steps "
+            "x windows a step, the relative lr and the windows in the table. Same format, same "
+            "file size.\n\n" + tune_report(fig))
 
 
 def section(fig: dict) -> None:

@@ -7,7 +7,10 @@ DIR is a GPTQ folder made by ``quantize(..., samples=32, seq_len=512)`` (the cal
 bench/compress.py). Each variant tunes a copy with ``pocketlm.compress.tune.tune`` on those
 same 32 windows of wiki.valid, saves it under --out (bench/compress.py --tune --tuned-from
 then scores it on the test pages), and scores it on ``--held`` 512-token windows of wiki.valid
-that overlap no calibration window: perplexity and KL(fp32 || model). ``--base`` also scores
+that overlap no calibration window: perplexity and KL(fp32 || model). A variant with
+``"samples": N`` tunes on N windows of wiki.valid drawn with seed 1 *around* the held-out
+windows instead (more calibration text than the GPTQ draw, still none of the held-out text);
+its card records that draw. ``--base`` also scores
 fp32 and the untuned GPTQ model. Figures go to bench/results/compress.json under
 "gptq_tuned_selection" (merged, so earlier variants stay).
 """
@@ -31,14 +34,54 @@ from pocketlm.compress.calibration import DEFAULT_CALIBRATION, calibration_sampl
 from pocketlm.compress.tune import kl_to_teacher, teacher_log_probs, tune
 
 
+def held_out_starts(ids: torch.Tensor, n: int, seq_len: int = 512, samples: int = 32) -> list:
+    """Starts of ``n`` windows of wiki.valid ``ids``, evenly spread, overlapping no window of
+    the GPTQ calibration draw (``calibration_samples`` with seed 0)."""
+    g = torch.Generator().manual_seed(0)  # calibration_samples' draw, to stay clear of it
+    starts = torch.randint(0, len(ids) - seq_len, (samples,), generator=g).tolist()
+    return [s for s in range(0, len(ids) - seq_len, len(ids) // 40)
+            if all(abs(s - c) >= seq_len for c in starts)][:n]
+
+
 def held_out(tokenizer, n: int, seq_len: int = 512, samples: int = 32) -> torch.Tensor:
     """``n`` windows (n, seq_len) of wiki.valid, evenly spread, overlapping no calibration one."""
     ids = torch.tensor(tokenizer.encode(DEFAULT_CALIBRATION.read_text()))
-    g = torch.Generator().manual_seed(0)  # calibration_samples' draw, to stay clear of it
-    starts = torch.randint(0, len(ids) - seq_len, (samples,), generator=g).tolist()
-    out = [ids[s: s + seq_len] for s in range(0, len(ids) - seq_len, len(ids) // 40)
-           if all(abs(s - c) >= seq_len for c in starts)]
-    return torch.stack(out[:n])
+    return torch.stack([ids[s: s + seq_len] for s in held_out_starts(ids, n, seq_len, samples)])
+
+
+def windows_around(tokenizer, samples: int, held: int, seq_len: int = 512, seed: int = 1):
+    """``samples`` windows (samples, seq_len) of wiki.valid at seeded random starts, each
+    overlapping none of the ``held`` held-out windows; and their provenance for the card."""
+    from pocketlm.compress.calibration import file_sha256
+
+    ids = torch.tensor(tokenizer.encode(DEFAULT_CALIBRATION.read_text()))
+    avoid = held_out_starts(ids, held, seq_len)
+    g = torch.Generator().manual_seed(seed)
+    starts: list[int] = []
+    while len(starts) < samples:
+        s = int(torch.randint(0, len(ids) - seq_len, (1,), generator=g))
+        if all(abs(s - h) >= seq_len for h in avoid):
+            starts.append(s)
+    info = {"file": str(DEFAULT_CALIBRATION), "sha256": file_sha256(DEFAULT_CALIBRATION),
+            "samples": samples, "seq_len": seq_len, "seed": seed, "tokens": samples * seq_len,
+            "avoids": f"the {held} held-out windows of bench/quant_tune_select.py"}
+    return torch.stack([ids[s: s + seq_len] for s in starts]), info
+
+
+def tune_around(q, ref, v: dict, held: int):
+    """Like ``tune``, but on ``v["samples"]`` windows drawn around the held-out ones."""
+    import copy
+
+    from pocketlm.api import Model
+    from pocketlm.compress.tune import tune_scales
+
+    batch, info = windows_around(q.tokenizer, v["samples"], held)
+    network = copy.deepcopy(q.network)
+    stats = tune_scales(network, ref.network, batch, v["steps"], v["lr"], v.get("bw", 1),
+                        v.get("norms", False), seed=0)
+    card = copy.deepcopy(q.card)
+    card.add_step("tune", calibration=info, **stats)
+    return Model(network, q.tokenizer, card)
 
 
 def score(network, held: torch.Tensor, teacher: list[torch.Tensor]) -> dict:
@@ -73,8 +116,11 @@ def main() -> None:
         print(fig["fp32"], fig["gptq"], flush=True)
     calibration_samples(ref.tokenizer, None, 32, 512, 0)  # fail early on a missing file
     for v in json.loads(a.variants):
-        t = tune(q, ref, v["steps"], v["lr"], v.get("bw", 1), v.get("norms", False),
-                 samples=32, seq_len=512, seed=0)
+        if "samples" in v:
+            t = tune_around(q, ref, v, a.held)
+        else:
+            t = tune(q, ref, v["steps"], v["lr"], v.get("bw", 1), v.get("norms", False),
+                     samples=32, seq_len=512, seed=0)
         name = "-".join(f"{k}{v[k]}" for k in sorted(v))
         t.save(Path(a.out) / name)
         st = t.card.steps[-1]["settings"]

@@ -118,6 +118,22 @@ def test_tune_is_reproducible_and_adds_a_card_step(made, calib_file):
                     torch.zeros(1, 8, dtype=torch.long), steps=1)
 
 
+def test_without_memory_for_the_cache_the_float_model_runs_every_step_same_result(
+        made, calib_file, caplog):
+    tiny_model, plain = made["float"], made["plain"]
+    batch, _ = calibration_samples(tiny_model.tokenizer, calib_file, 6, 48, 0)
+    cached, uncached = copy.deepcopy(plain.network), copy.deepcopy(plain.network)
+    a = tune_scales(cached, tiny_model.network, batch, steps=8, batch_windows=2, progress=False)
+    with caplog.at_level("WARNING"):
+        b = tune_scales(uncached, tiny_model.network, batch, steps=8, batch_windows=2,
+                        progress=False, cache_bytes=1000)
+    assert a["teacher_cached"] and not b["teacher_cached"]
+    assert "recomputing them at every step" in caplog.text
+    assert a["kl_last_10pct_steps"] == b["kl_last_10pct_steps"]
+    for (n, x), (_, y) in zip(cached.named_buffers(), uncached.named_buffers()):
+        assert torch.equal(x, y), n
+
+
 @pytest.mark.parametrize("bad,match", [({"tune_steps": -1}, "steps must be an integer >= 0"),
                                        ({"tune_steps": 1.5}, "steps must be an integer >= 0"),
                                        ({"tune_steps": 2, "tune_lr": 0}, "learning rate"),

@@ -13,9 +13,11 @@ Each scale (and norm weight) is trained as a relative factor, s = s0 * r with r 
 so the learning rate is a relative step size and means the same for every layer whatever its
 weights' magnitude. At the end s is rounded to fp16 and written back into the QLinear modules.
 
-Cost: one forward of the float model per calibration window (cached as fp16 log-probs), then
-per step forward + backward of the quantized model over ``batch_windows`` windows, about 3x a
-float forward each. The embedding/output projection (int8 per row) stays as it is.
+Cost: one forward of the float model per calibration window (cached as fp16 log-probs, T x V x 2
+bytes a window: 50 MB for 512 tokens of a 49k vocabulary; when all windows would take more than
+half the free memory the float model is run again at every step instead), then per step
+forward + backward of the quantized model over ``batch_windows`` windows, about 3x a float
+forward each. The embedding/output projection (int8 per row) stays as it is.
 """
 
 from __future__ import annotations
@@ -125,15 +127,29 @@ def teacher_log_probs(teacher: nn.Module, batch: torch.Tensor) -> list[torch.Ten
                 for i in range(batch.shape[0])]
 
 
+def free_memory_bytes() -> int | None:
+    """Memory the system can still give us (Linux ``MemAvailable``); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, steps: int,
                 lr: float = 2e-3, batch_windows: int = 1, norms: bool = False, seed: int = 0,
-                progress: bool = True) -> dict:
+                progress: bool = True, cache_bytes: int | None = None) -> dict:
     """Train the scales (and with ``norms`` the RMSNorm weights) of ``network``'s QLinears in
     place to minimise KL(teacher || network) on the windows of ``batch`` (S, T).
 
     ``teacher`` is the float network the quantized one was made from. AdamW on the relative
     factors (no weight decay), cosine decay from ``lr`` to 0 over ``steps``, each step the mean
     over ``batch_windows`` windows drawn in a seeded order (every window once per epoch).
+    The float model's log-probs are cached when all windows fit in ``cache_bytes`` (default:
+    half the free memory), else recomputed at every step.
     Returns summary figures for the model card. Raises InvalidArgument for bad settings and
     UnsupportedModel for a network without QLinear modules.
     """
@@ -157,6 +173,15 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
         swapped += [("layers." + n, m) for n, m in _swap(network.layers, (RMSNorm,), TunableNorm)]
         network.norm = TunableNorm(network.norm)
         swapped.append(("norm", network.norm))
+    need = batch.numel() * network.config.vocab_size * 2  # fp16 log-probs of every window
+    if cache_bytes is None:
+        free = free_memory_bytes()
+        cache_bytes = free // 2 if free is not None else need
+    caching = need <= cache_bytes
+    if not caching:
+        log.warning("the float model's log-probs for %d windows need %.1f GB, more than %.1f GB "
+                    "available for them: recomputing them at every step (slower)",
+                    batch.shape[0], need / 1e9, cache_bytes / 1e9)
     params = [m.r for _, m in swapped]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -176,9 +201,12 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
                     if not order:
                         order = torch.randperm(batch.shape[0], generator=g).tolist()
                     i = order.pop()
-                    if i not in cache:
-                        cache[i] = teacher_log_probs(teacher, batch[i: i + 1])[0]
-                    loss = kl_to_teacher(network(batch[i: i + 1])[0], cache[i]) / batch_windows
+                    target = cache.get(i)
+                    if target is None:
+                        target = teacher_log_probs(teacher, batch[i: i + 1])[0]
+                        if caching:
+                            cache[i] = target
+                    loss = kl_to_teacher(network(batch[i: i + 1])[0], target) / batch_windows
                     loss.backward()
                     loss_sum += loss.item()
                 opt.step()
@@ -193,7 +221,7 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
             p.requires_grad_(flag)
     tail = losses[-max(1, steps // 10):]
     return {"steps": steps, "lr": lr, "batch_windows": batch_windows, "norms": norms,
-            "seed": seed, "kl_first_step": round(losses[0], 5),
+            "seed": seed, "teacher_cached": caching, "kl_first_step": round(losses[0], 5),
             "kl_last_10pct_steps": round(sum(tail) / len(tail), 5),
             "seconds": round(time.perf_counter() - t0, 1)}
 
