@@ -433,13 +433,14 @@ def tune_report(fig: dict) -> str:
     for name, r in fig.items():
         if name in ("settings", "fp32") or "token_perplexity" not in r:
             continue
+        windows = r.get("tune_calibration", {}).get("samples",
+                                                    fig["settings"]["calibration_samples"])
         rows.append([name, f"{r['file_bytes'] / 1e6:.1f} MB", r["word_perplexity"],
                      f"{r['word_perplexity_vs_fp32_pct']:+.1f}%", r["token_perplexity"],
                      f"{r['token_perplexity_vs_fp32_pct']:+.1f}%", r["tokens_scored"],
                      f"{r['tune_steps']} x {r['tune_batch_windows']} x "
                      f"{fig['settings']['calibration_seq_len']} tok, lr {r['tune_lr']:g}, "
-                     f"{r.get('tune_calibration', {}).get('samples', fig['settings']['calibration_samples'])}"
-                     " windows"
+                     f"{windows} windows"
                      if "tune_s" in r else "",
                      f"{r['tune_s'] / 60:.0f} min ({r['threads']} thr)" if "tune_s" in r else ""])
     return markdown_table(["config", "file", "word ppl", "vs fp32", "token ppl", "vs fp32",

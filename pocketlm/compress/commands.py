@@ -9,7 +9,8 @@ EPILOG = """examples:
   pocketlm quantize smollm2-135m-instruct --method rtn --bits 8 -o smollm2-int8
   pocketlm quantize smollm2-135m-instruct --method gptq --bits 4 --group-size 128 -o smollm2-int4
   pocketlm quantize smollm2-135m-instruct --method awq --bits 4 --calibration my_domain.txt -o out
-  pocketlm quantize smollm2-135m-instruct --method gptq --bits 4 --tune-steps 40 -o smollm2-int4t
+  pocketlm quantize smollm2-135m-instruct --method gptq --bits 4 --samples 128 \
+      --tune-steps 320 --tune-norms -o smollm2-int4t   # best int4 quality, ~30 min
 
 Supported: rtn 8/4/3 bits, gptq 8/4/3 bits, awq 4/3 bits; group sizes 32, 64, 128, 256 or 0
 (one scale per output channel; the default for 8 bits, 128 otherwise). The embedding and
@@ -62,9 +63,11 @@ def register(subparsers) -> None:
         "with --tune-norms the RMSNorm weights) so the quantized model's next-token\n"
         "distribution matches the float model's (KL). Same format, same file size.\n"
         "Cost: a step is a forward + backward over --tune-batch windows of --seq-len tokens\n"
-        "(~3x a float forward each). SmolLM2-135M, 2 busy cores: 40 steps of one 512-token\n"
-        "window took 17-18 min after GPTQ's 8, and took int4 g128 from +14.0% to +9.8-10.1%\n"
-        "WikiText-2 perplexity vs fp32 (BENCHMARKS.md).")
+        "(~3x a float forward each). More windows help most (they are --samples, shared\n"
+        "with GPTQ). SmolLM2-135M int4 g128 on 2 cores, WikiText-2 token perplexity vs fp32:\n"
+        "GPTQ +14.0%; --tune-steps 160 --tune-norms on 32 windows +9.1% (25 min);\n"
+        "320 steps on 128 windows +8.1% (25 min); 640 steps on 256 windows +7.6% (52 min)\n"
+        "(BENCHMARKS.md).")
     t.add_argument("--tune-steps", type=int, default=0,
                    help="AdamW steps of scale tuning; 0 = off (default)")
     t.add_argument("--tune-lr", type=float, default=2e-3,
