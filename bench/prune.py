@@ -37,8 +37,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (  # noqa: E402
-    SHARED, append_section, decode_ab, markdown_table, merge_results, read_results,
+from _common import (
+    SHARED,
+    append_section,
+    decode_ab,
+    markdown_table,
+    merge_results,
+    read_results,
     wikitext_perplexity,
 )
 

@@ -43,7 +43,7 @@ _SAMPLING_KEYS = {f.name for f in fields(SamplingParams)}
 
 def set_threads(threads: int | None = None) -> int:
     """Use ``threads`` CPU threads (default: $POCKETLM_THREADS, else all cores); returns it."""
-    n = threads or int(os.environ.get("POCKETLM_THREADS", 0)) or (os.cpu_count() or 1)
+    n = threads or int(os.environ.get("POCKETLM_THREADS", "0")) or (os.cpu_count() or 1)
     torch.set_num_threads(n)
     return n
 
@@ -205,7 +205,7 @@ def _from_hub(repo_id: str) -> Path:
                 repo_id, allow_patterns=["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
             )
         )
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - any hub or network failure means: not fetched
         raise ModelNotFound(
             f"could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}). "
             "If this machine is offline, download the folder elsewhere and pass its path."

@@ -60,8 +60,9 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> N
 
 
 def sampling_from_args(a: argparse.Namespace) -> dict:
-    return dict(max_tokens=a.max_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                min_p=a.min_p, repetition_penalty=a.repetition_penalty, seed=a.seed, stop=a.stop)
+    return {"max_tokens": a.max_tokens, "temperature": a.temperature, "top_k": a.top_k,
+            "top_p": a.top_p, "min_p": a.min_p, "repetition_penalty": a.repetition_penalty,
+            "seed": a.seed, "stop": a.stop}
 
 
 def load_from_args(a: argparse.Namespace):

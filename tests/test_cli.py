@@ -13,7 +13,7 @@ from pocketlm.cli import build_parser, main
 
 def run_cli(*args: str, input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pocketlm.cli", *args], capture_output=True,
-                          text=True, input=input, timeout=300)
+                          text=True, input=input, timeout=300, check=False)
 
 
 def test_help_teaches_every_sub_command(capsys):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 
@@ -53,8 +55,8 @@ def test_generation_stops_at_the_context_window(tiny_model):
 class _FakeTokenizer:
     """Token i decodes to PIECES[i]: lets a test drive SequenceState with known text."""
 
-    PIECES = ["Hel", "lo", " wor", "ld", "!", "\n", "END", "é"[0]]
-    stop_ids = {6}
+    PIECES: ClassVar[list[str]] = ["Hel", "lo", " wor", "ld", "!", "\n", "END", "é"[0]]
+    stop_ids: ClassVar[set[int]] = {6}
     eos_id = 6
 
     def decode(self, ids):

