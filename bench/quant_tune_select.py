@@ -10,8 +10,7 @@ then scores it on the test pages), and scores it on ``--held`` 512-token windows
 that overlap no calibration window: perplexity and KL(fp32 || model). A variant with
 ``"samples": N`` tunes on N windows of wiki.valid drawn with seed 1 *around* the held-out
 windows instead (more calibration text than the GPTQ draw, still none of the held-out text);
-its card records that draw. ``--base`` also scores
-fp32 and the untuned GPTQ model. Figures go to bench/results/compress.json under
+its card records that draw. ``--base`` also scores fp32 and the untuned GPTQ model. Figures go to bench/results/compress.json under
 "gptq_tuned_selection" (merged, so earlier variants stay).
 """
 
@@ -68,22 +67,6 @@ def windows_around(tokenizer, samples: int, held: int, seq_len: int = 512, seed:
     return torch.stack([ids[s: s + seq_len] for s in starts]), info
 
 
-def tune_around(q, ref, v: dict, held: int):
-    """Like ``tune``, but on ``v["samples"]`` windows drawn around the held-out ones."""
-    import copy
-
-    from pocketlm.api import Model
-    from pocketlm.compress.tune import tune_scales
-
-    batch, info = windows_around(q.tokenizer, v["samples"], held)
-    network = copy.deepcopy(q.network)
-    stats = tune_scales(network, ref.network, batch, v["steps"], v["lr"], v.get("bw", 1),
-                        v.get("norms", False), seed=0)
-    card = copy.deepcopy(q.card)
-    card.add_step("tune", calibration=info, **stats)
-    return Model(network, q.tokenizer, card)
-
-
 def score(network, held: torch.Tensor, teacher: list[torch.Tensor]) -> dict:
     nll = kl = 0.0
     with torch.inference_mode():
@@ -116,11 +99,9 @@ def main() -> None:
         print(fig["fp32"], fig["gptq"], flush=True)
     calibration_samples(ref.tokenizer, None, 32, 512, 0)  # fail early on a missing file
     for v in json.loads(a.variants):
-        if "samples" in v:
-            t = tune_around(q, ref, v, a.held)
-        else:
-            t = tune(q, ref, v["steps"], v["lr"], v.get("bw", 1), v.get("norms", False),
-                     samples=32, seq_len=512, seed=0)
+        around = windows_around(ref.tokenizer, v["samples"], a.held) if "samples" in v else None
+        t = tune(q, ref, v["steps"], v["lr"], v.get("bw", 1), v.get("norms", False),
+                 samples=32, seq_len=512, seed=0, windows=around)
         name = "-".join(f"{k}{v[k]}" for k in sorted(v))
         t.save(Path(a.out) / name)
         st = t.card.steps[-1]["settings"]

@@ -111,6 +111,12 @@ def test_tune_is_reproducible_and_adds_a_card_step(made, calib_file):
     assert [s["step"] for s in tuned.card.steps][-2:] == ["quantize", "tune"]
     assert all(torch.equal(v, plain.network.state_dict()[k]) for k, v in kept.items())  # a copy
     assert not torch.equal(tuned.logits(IDS), plain.logits(IDS))
+    # Windows drawn by the caller (a bench's own draw) tune the same way and reach the card.
+    batch, _ = calibration_samples(plain.tokenizer, calib_file, 6, 48, 0)
+    given = tune(plain, tiny_model, steps=3, lr=1e-3, progress=False,
+                 windows=(batch, {"drawn": "by the caller"}))
+    assert torch.equal(given.logits(IDS), tuned.logits(IDS))
+    assert given.card.steps[-1]["settings"]["calibration"] == {"drawn": "by the caller"}
     with pytest.raises(UnsupportedModel, match="quantized model"):
         tune(tiny_model, tiny_model, steps=3, calibration=calib_file, samples=6, seq_len=48)
     with pytest.raises(UnsupportedModel, match="QLinear"):

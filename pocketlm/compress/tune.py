@@ -228,10 +228,13 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
 
 def tune(qmodel, reference, steps: int, lr: float = 2e-3, batch_windows: int = 1,
          norms: bool = False, calibration: str | None = None, samples: int = 32,
-         seq_len: int = 512, seed: int = 0, progress: bool = True):
+         seq_len: int = 512, seed: int = 0, progress: bool = True,
+         windows: tuple[torch.Tensor, dict] | None = None):
     """A copy of the quantized ``qmodel`` with its scales tuned toward the float ``reference``
     (the model it was quantized from); the card gets a "tune" step. For a model made in one go
-    use ``quantize(..., tune_steps=N)``. Raises as ``tune_scales`` and ``calibration_samples``.
+    use ``quantize(..., tune_steps=N)``. ``windows``: token windows (S, T) already drawn, and
+    their provenance for the card, instead of ``calibration_samples``' draw.
+    Raises as ``tune_scales`` and ``calibration_samples``.
     """
     import copy
 
@@ -241,7 +244,8 @@ def tune(qmodel, reference, steps: int, lr: float = 2e-3, batch_windows: int = 1
     check_tune_settings(steps, lr, batch_windows)
     if not getattr(qmodel.network, "quantization_config", None):
         raise UnsupportedModel("tune() takes a quantized model; quantize the float one first")
-    batch, info = calibration_samples(qmodel.tokenizer, calibration, samples, seq_len, seed)
+    batch, info = windows or calibration_samples(qmodel.tokenizer, calibration, samples, seq_len,
+                                                 seed)
     network = copy.deepcopy(qmodel.network)
     stats = tune_scales(network, reference.network, batch, steps, lr, batch_windows, norms, seed,
                         progress)
