@@ -401,7 +401,8 @@ def tune_study(a) -> None:
                     "seed": a.tune_seed}
         tuned_name = (name + ("_tuned_norms" if a.tune_norms else "_tuned")
                       + (f"_{a.tune_steps}steps" if a.tune_steps != 40 else "")  # 40: first runs
-                      + (f"_{tune_cal['samples']}windows" if tune_cal != cal else ""))
+                      + (f"_{tune_cal['samples']}windows" if tune_cal != cal else "")
+                      + (f"_lr{a.tune_lr:g}" if a.tune_lr != 2e-3 else ""))
         if bits in tuned_from:
             tuned, st = _checked(tuned_from[bits], "tune", {
                 "steps": a.tune_steps, "lr": a.tune_lr, "batch_windows": a.tune_batch,
