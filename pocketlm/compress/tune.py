@@ -127,18 +127,6 @@ def teacher_log_probs(teacher: nn.Module, batch: torch.Tensor) -> list[torch.Ten
                 for i in range(batch.shape[0])]
 
 
-def free_memory_bytes() -> int | None:
-    """Memory the system can still give us (Linux ``MemAvailable``); None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, steps: int,
                 lr: float = 2e-3, batch_windows: int = 1, norms: bool = False, seed: int = 0,
                 progress: bool = True, cache_bytes: int | None = None) -> dict:
@@ -175,8 +163,9 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
         swapped.append(("norm", network.norm))
     need = batch.numel() * network.config.vocab_size * 2  # fp16 log-probs of every window
     if cache_bytes is None:
-        free = free_memory_bytes()
-        cache_bytes = free // 2 if free is not None else need
+        from pocketlm.train.trainer import available_memory
+
+        cache_bytes = available_memory() // 2
     caching = need <= cache_bytes
     if not caching:
         log.warning("the float model's log-probs for %d windows need %.1f GB, more than %.1f GB "
