@@ -4,13 +4,14 @@ toward its float original, and the result saves and loads like any quantized mod
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
 
 import pocketlm
 from pocketlm.compress import quantize
-from pocketlm.compress.calibration import calibration_samples
+from pocketlm.compress.calibration import calibration_samples, calibration_tiles
 from pocketlm.compress.qlinear import QLinear
 from pocketlm.compress.tune import kl_to_teacher, teacher_log_probs, tune, tune_scales
 from pocketlm.errors import InvalidArgument, UnsupportedModel
@@ -57,7 +58,7 @@ def _qlinears(model) -> dict[str, QLinear]:
 
 def test_tuning_moves_only_scales_and_lowers_the_kl_to_the_float_model(made, calib_file):
     tiny_model, plain, tuned = made["float"], made["plain"], made["tuned"]
-    batch, _ = calibration_samples(tiny_model.tokenizer, calib_file, 6, 48, 0)
+    batch, _ = calibration_tiles(tiny_model.tokenizer, calib_file, 48)  # the text it tuned on
     before, after = _mean_kl(plain, tiny_model, batch), _mean_kl(tuned, tiny_model, batch)
     assert after < 0.8 * before
     a, b = _qlinears(plain), _qlinears(tuned)
@@ -112,7 +113,7 @@ def test_tune_is_reproducible_and_adds_a_card_step(made, calib_file):
     assert all(torch.equal(v, plain.network.state_dict()[k]) for k, v in kept.items())  # a copy
     assert not torch.equal(tuned.logits(IDS), plain.logits(IDS))
     # Windows drawn by the caller (a bench's own draw) tune the same way and reach the card.
-    batch, _ = calibration_samples(plain.tokenizer, calib_file, 6, 48, 0)
+    batch, _ = calibration_tiles(plain.tokenizer, calib_file, 48, 6, 0)
     given = tune(plain, tiny_model, steps=3, lr=1e-3, progress=False,
                  windows=(batch, {"drawn": "by the caller"}))
     assert torch.equal(given.logits(IDS), tuned.logits(IDS))
@@ -128,16 +129,24 @@ def test_without_memory_for_the_cache_the_float_model_runs_every_step_same_resul
         made, calib_file, caplog):
     tiny_model, plain = made["float"], made["plain"]
     batch, _ = calibration_samples(tiny_model.tokenizer, calib_file, 6, 48, 0)
-    cached, uncached = copy.deepcopy(plain.network), copy.deepcopy(plain.network)
-    a = tune_scales(cached, tiny_model.network, batch, steps=8, batch_windows=2, progress=False)
-    with caplog.at_level("WARNING"):
-        b = tune_scales(uncached, tiny_model.network, batch, steps=8, batch_windows=2,
-                        progress=False, cache_bytes=1000)
-    assert a["teacher_cached"] and not b["teacher_cached"]
-    assert "recomputing them at every step" in caplog.text
-    assert a["kl_last_10pct_steps"] == b["kl_last_10pct_steps"]
-    for (n, x), (_, y) in zip(cached.named_buffers(), uncached.named_buffers()):
-        assert torch.equal(x, y), n
+    hidden_bytes = batch.numel() * tiny_model.config.dim * 4
+    runs = {}
+    for budget in (None, hidden_bytes, 1000):  # log-probs fit / only hidden states / nothing
+        net = copy.deepcopy(plain.network)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            stats = tune_scales(net, tiny_model.network, batch, steps=8, batch_windows=2,
+                                progress=False, cache_bytes=budget)
+        runs[budget] = (net, stats, caplog.text)
+    assert runs[None][1]["teacher_cached"] == "log-probs" and not runs[None][2]
+    assert runs[hidden_bytes][1]["teacher_cached"] == "hidden states"
+    assert "running its output layer at every step" in runs[hidden_bytes][2]
+    assert runs[1000][1]["teacher_cached"] is False
+    assert "recomputing them at every step" in runs[1000][2]
+    for budget in (hidden_bytes, 1000):
+        assert runs[budget][1]["kl_last_10pct_steps"] == runs[None][1]["kl_last_10pct_steps"]
+        for (n, x), (_, y) in zip(runs[None][0].named_buffers(), runs[budget][0].named_buffers()):
+            assert torch.equal(x, y), n
 
 
 @pytest.mark.parametrize("bad,match", [({"tune_steps": -1}, "steps must be an integer >= 0"),
@@ -146,7 +155,9 @@ def test_without_memory_for_the_cache_the_float_model_runs_every_step_same_resul
                                        ({"tune_steps": 2, "tune_lr": -1e-3}, "learning rate"),
                                        ({"tune_steps": 2, "tune_lr": float("nan")},
                                         "learning rate"),
-                                       ({"tune_steps": 2, "tune_batch": 0}, "at least 1 window")])
+                                       ({"tune_steps": 2, "tune_batch": 0}, "at least 1 window"),
+                                       ({"tune_steps": 2, "tune_samples": 0},
+                                        "tune samples must be at least 1")])
 def test_bad_tune_settings_fail_before_any_work(tiny_model, calib_file, bad, match):
     with pytest.raises(InvalidArgument, match=match):
         quantize(tiny_model, calibration=calib_file, **KW, **bad)
@@ -159,3 +170,92 @@ def test_cli_rejects_bad_tune_settings_before_loading(tmp_path, capsys):
                "10", "--tune-lr", "0", "-o", str(tmp_path / "o")])
     assert rc not in (0, None)
     assert "learning rate must be a finite number > 0" in capsys.readouterr().err
+
+
+def test_interrupted_tuning_resumes_and_ends_where_an_uninterrupted_run_does(
+        made, calib_file, tmp_path, monkeypatch):
+    from pocketlm.train import checkpoint
+
+    tiny_model, plain = made["float"], made["plain"]
+    batch, _ = calibration_samples(tiny_model.tokenizer, calib_file, 6, 48, 0)
+    kw = {"steps": 6, "batch_windows": 2, "norms": True, "progress": False,
+          "checkpoint_every": 2}
+    whole = copy.deepcopy(plain.network)
+    expected = tune_scales(whole, tiny_model.network, batch, **kw)
+    real_save, saved_at = checkpoint.save, []
+
+    def save_then_die(folder, state):
+        real_save(folder, state)
+        saved_at.append(state["step"])
+        if saved_at == [2, 4]:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        tune_scales(copy.deepcopy(plain.network), tiny_model.network, batch,
+                    checkpoint_dir=tmp_path / "ck", **kw)
+    assert saved_at == [2, 4]
+    resumed = copy.deepcopy(plain.network)
+    got = tune_scales(resumed, tiny_model.network, batch, checkpoint_dir=tmp_path / "ck", **kw)
+    assert saved_at == [2, 4]  # steps 5-6 only, and no checkpoint after the last step
+    assert got["kl_last_10pct_steps"] == expected["kl_last_10pct_steps"]
+    for (n, x), (_, y) in zip(whole.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(x, y), n
+    # Other settings never pick up that checkpoint.
+    other = copy.deepcopy(plain.network)
+    tune_scales(other, tiny_model.network, batch, checkpoint_dir=tmp_path / "ck",
+                **{**kw, "steps": 5})
+    fresh = copy.deepcopy(plain.network)
+    tune_scales(fresh, tiny_model.network, batch, **{**kw, "steps": 5})
+    assert all(torch.equal(x, y) for x, y in zip(other.state_dict().values(),
+                                                 fresh.state_dict().values()))
+
+
+def test_quantize_with_tuning_resumes_after_an_interruption(tiny_model, calib_file, tmp_path,
+                                                           monkeypatch):
+    from pocketlm.train import checkpoint
+
+    ckpt = tmp_path / "out.partial"
+    kw = {**KW, "calibration": calib_file, "tune_steps": 6, "tune_batch": 2,
+          "checkpoint_dir": str(ckpt)}
+    full = quantize(tiny_model, **kw).logits(IDS)
+    assert not ckpt.exists()  # a finished job leaves nothing behind
+    real_save = checkpoint.save
+
+    def save_then_die(folder, state):
+        real_save(folder, state)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_die)
+    monkeypatch.setattr("pocketlm.compress.tune.CHECKPOINT_SECONDS", 0)  # save after every step
+    with pytest.raises(KeyboardInterrupt):
+        quantize(tiny_model, **kw)
+    assert (ckpt / "progress.json").is_file() and (ckpt / "tune" / checkpoint.CHECKPOINT).is_file()
+    monkeypatch.setattr(checkpoint, "save", real_save)
+    assert torch.equal(quantize(tiny_model, **kw).logits(IDS), full)
+    assert not ckpt.exists()
+
+
+def test_tuning_reads_disjoint_windows_of_the_whole_calibration_file(made, calib_file):
+    tiny_model = made["float"]
+    ids = tiny_model.tokenizer.encode(Path(calib_file).read_text())
+    n = len(ids) // 48
+    tiles, info = calibration_tiles(tiny_model.tokenizer, calib_file, 48)
+    assert tiles.shape == (n, 48) and info["tiles"] == f"{n} of {n}"
+    rows = {tuple(t.tolist()) for t in tiles}
+    assert rows == {tuple(ids[i: i + 48]) for i in range(0, n * 48, 48)}
+    again, _ = calibration_tiles(tiny_model.tokenizer, calib_file, 48)
+    other, _ = calibration_tiles(tiny_model.tokenizer, calib_file, 48, seed=1)
+    assert torch.equal(tiles, again) and not torch.equal(tiles, other)  # a seeded order
+    first6, _ = calibration_tiles(tiny_model.tokenizer, calib_file, 48, samples=6)
+    assert torch.equal(first6, tiles[:6])
+    settings = made["tuned"].card.steps[-1]["settings"]["tune"]
+    assert settings["calibration"]["tiles"] == info["tiles"]  # quantize tunes on all of them
+
+
+def test_more_tiles_than_the_file_holds_uses_all_and_says_so(made, calib_file, caplog):
+    tok = made["float"].tokenizer
+    with caplog.at_level("WARNING"):
+        tiles, _ = calibration_tiles(tok, calib_file, 48, samples=10**6)
+    assert tiles.shape[0] == len(tok.encode(Path(calib_file).read_text())) // 48
+    assert "fewer than the 1000000 asked for" in caplog.text

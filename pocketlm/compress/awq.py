@@ -75,7 +75,6 @@ def awq_network(network, batch: torch.Tensor, grid: Grid, checkpoint_dir=None,
             walk.run(block)
             walk.save(i, block)
             bar.update(1)
-    walk.finish()
     return {"layers": len(network.layers), "calibration_rows_per_layer": max_rows}
 
 

@@ -75,6 +75,9 @@ def register(subparsers) -> None:
     t.add_argument("--tune-batch", type=int, default=1, help="calibration windows per step (1)")
     t.add_argument("--tune-norms", action="store_true",
                    help="also tune the RMSNorm weights (stored in float; size unchanged)")
+    t.add_argument("--tune-samples", type=int, default=None,
+                   help="disjoint windows of --seq-len tokens of the calibration file to tune "
+                        "on (default: all of them; WikiText-2 validation holds ~500)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: $POCKETLM_THREADS or all cores)")
     p.set_defaults(func=cmd_quantize)
@@ -91,7 +94,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     keep = tuple(k.strip() for k in a.keep.split(",") if k.strip())
     group = a.group_size if a.group_size is not None else (0 if a.bits == 8 else 128)
     check_settings(a.method, a.bits, group, keep)  # fail before the slow load
-    check_tune_settings(a.tune_steps, a.tune_lr, a.tune_batch)
+    check_tune_settings(a.tune_steps, a.tune_lr, a.tune_batch, a.tune_samples)
     out = Path(a.output)
     model = load(a.model, threads=a.threads)
     checkpoint = out.parent / (out.name + ".partial")
@@ -99,11 +102,12 @@ def cmd_quantize(a: argparse.Namespace) -> None:
         q = quantize(model, a.method, a.bits, group, a.sym, keep, a.calibration, a.samples,
                      a.seq_len, a.seed, a.act_order, a.damp, a.clip,
                      checkpoint_dir=str(checkpoint), tune_steps=a.tune_steps,
-                     tune_lr=a.tune_lr, tune_batch=a.tune_batch, tune_norms=a.tune_norms)
+                     tune_lr=a.tune_lr, tune_batch=a.tune_batch, tune_norms=a.tune_norms,
+                     tune_samples=a.tune_samples)
     except KeyboardInterrupt:
         if checkpoint.is_dir():
-            print(f"finished layers are saved in {checkpoint}; run the same command again to "
-                  "resume from there", file=sys.stderr)
+            print(f"finished work (layers, tuning steps) is saved in {checkpoint}; run the same "
+                  "command again to resume from there", file=sys.stderr)
         raise
     q.save(out)
     size = (out / "model.safetensors").stat().st_size

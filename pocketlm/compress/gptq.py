@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -103,7 +102,8 @@ class Layerwise:
     ``hidden`` holds the current block's inputs (S, L, D); ``run(block)`` replaces them by its
     outputs, in micro-batches. ``save(i)``/``resume()`` write and read ``checkpoint_dir``:
     the quantized state of blocks 0..i and the hidden states after block i, plus a key of the
-    settings so a checkpoint of other settings is never mixed in.
+    settings so a checkpoint of other settings is never mixed in. The caller removes the folder
+    once the whole job is done (``quantize`` does, after any scale tuning).
     """
 
     def __init__(self, network, batch: torch.Tensor, key: dict, checkpoint_dir=None,
@@ -165,10 +165,6 @@ class Layerwise:
         log.info("resuming from %s: %d blocks already done", self.dir, done)
         return done
 
-    def finish(self) -> None:
-        if self.dir and self.dir.is_dir():
-            shutil.rmtree(self.dir)
-
 
 def _empty_qlinear(lin: nn.Linear, grid: Grid) -> nn.Module:
     from pocketlm.compress.qlinear import QLinear
@@ -215,7 +211,6 @@ def gptq_network(network, batch: torch.Tensor, grid: Grid, act_order: bool = Fal
             walk.run(block)
             walk.save(i, block)
             bar.update(1)
-    walk.finish()
     return {"layers": len(network.layers)}
 
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import shutil
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -199,7 +201,7 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
              seed: int = 0, act_order: bool | None = None, damp: float = 0.01,
              clip: bool = False, checkpoint_dir: str | None = None, progress: bool = True,
              tune_steps: int = 0, tune_lr: float = 2e-3, tune_batch: int = 1,
-             tune_norms: bool = False):
+             tune_norms: bool = False, tune_samples: int | None = None):
     """A quantized copy of ``model`` (a ``pocketlm.Model``); the original is left as it was.
 
     ``group_size`` None means per-channel for 8 bits and 128 otherwise. ``sym`` and
@@ -207,11 +209,14 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     and activation order (with static groups); RTN and AWQ a symmetric grid. ``clip`` searches
     each group's range for the least rounding error instead of plain min/max (``grid_params``).
     ``calibration`` is a text file for GPTQ/AWQ (default WikiText-2 validation).
-    ``checkpoint_dir`` lets an interrupted GPTQ/AWQ run resume from its last finished layer.
+    ``checkpoint_dir`` lets an interrupted GPTQ/AWQ run resume from its last finished layer,
+    and interrupted scale tuning from its last checkpoint (every two minutes).
     ``tune_steps`` > 0 then trains the per-group scales (and with ``tune_norms`` the RMSNorm
     weights) for that many AdamW steps of ``tune_batch`` calibration windows at learning rate
     ``tune_lr``, to match the float model's next-token distribution; codes, zeros and file size
-    stay as they are (``pocketlm.compress.tune``). Raises InvalidArgument for
+    stay as they are (``pocketlm.compress.tune``). Tuning reads ``tune_samples`` disjoint windows of
+    ``seq_len`` tokens of the calibration file (None: all of them; ``calibration_tiles``),
+    not GPTQ's fewer, overlapping ones. Raises InvalidArgument for
     unsupported settings or calibration data, UnsupportedModel for an already-quantized model.
     """
     from pocketlm.api import Model
@@ -222,7 +227,7 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     check_settings(method, bits, group_size, keep)
     from pocketlm.compress.tune import check_tune_settings, tune_scales
 
-    check_tune_settings(tune_steps, tune_lr, tune_batch)
+    check_tune_settings(tune_steps, tune_lr, tune_batch, tune_samples)
     if getattr(model.network, "quantization_config", None):
         raise UnsupportedModel(
             "this model is already quantized; quantize the float original instead (load the "
@@ -258,8 +263,16 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     modules = {name: grid.spec() for name in linear_names(network)}
     modules.update(_quantize_head(network, keep))
     if tune_steps:  # on the finished network, int8 head included, against the float original
-        stats["tune"] = tune_scales(network, model.network, batch, tune_steps, tune_lr,
-                                    tune_batch, tune_norms, seed, progress)
+        from pocketlm.compress.calibration import calibration_tiles
+
+        tiles, tiles_info = calibration_tiles(model.tokenizer, calibration, seq_len,
+                                              tune_samples, seed)
+        stats["tune"] = tune_scales(network, model.network, tiles, tune_steps, tune_lr,
+                                    tune_batch, tune_norms, seed, progress,
+                                    checkpoint_dir=checkpoint_dir and Path(checkpoint_dir) / "tune")
+        stats["tune"]["calibration"] = tiles_info
+    if checkpoint_dir:  # every stage is done: nothing left to resume
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     qconfig = {"quant_method": "pocketlm", "format": FORMAT, "method": method, "bits": bits,
                "group_size": group_size, "sym": sym, "keep": list(keep), "modules": modules}
     if method == "gptq":

@@ -22,9 +22,12 @@ forward each. The embedding/output projection (int8 per row) stays as it is.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,32 +35,45 @@ from torch import nn
 
 from pocketlm.compress.qlinear import QLinear
 from pocketlm.errors import InvalidArgument, UnsupportedModel
+from pocketlm.train import checkpoint
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_SECONDS = 120  # how often a run with a checkpoint folder saves its state
 
-def check_tune_settings(steps: int, lr: float, batch_windows: int = 1) -> None:
-    """Raise InvalidArgument for a step count, learning rate or batch that cannot train."""
+
+def check_tune_settings(steps: int, lr: float, batch_windows: int = 1,
+                        samples: int | None = None) -> None:
+    """Raise InvalidArgument for a step count, learning rate, batch or window count that
+    cannot train."""
     if not isinstance(steps, int) or steps < 0:
         raise InvalidArgument(f"tune steps must be an integer >= 0 (0 = no tuning), got {steps!r}")
     if not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
         raise InvalidArgument(f"tune learning rate must be a finite number > 0, got {lr!r}; "
                               "try the default, 2e-3")
+    if samples is not None and (not isinstance(samples, int) or samples < 1):
+        raise InvalidArgument(f"tune samples must be at least 1 window (or unset: all), got "
+                              f"{samples!r}")
     if not isinstance(batch_windows, int) or batch_windows < 1:
         raise InvalidArgument(f"tune batch must be at least 1 window, got {batch_windows!r}")
 
 
 class TunableLinear(nn.Module):
-    """A QLinear's fixed codes with trainable scales: w = (q - z) * s0 * r, r (N, G) trained."""
+    """A QLinear's fixed codes with trainable scales: w = (q - z) * s0 * r, r (N, G) trained.
+
+    The codes are held as (N, G, group_size), padded past K with zeros, so a scale multiplies
+    its group by broadcasting and its gradient is a plain sum over the last axis.
+    """
 
     def __init__(self, q: QLinear):
         super().__init__()
         self.source = q
-        k, gs = q.in_features, q.group_size
-        group = torch.arange(k) // gs  # (K,) group of each input column
-        qz = q.codes()[:, :k].float() - q.zeros.float()[:, group]  # (N, K), exact integers
-        self.register_buffer("qz", qz)
-        self.register_buffer("group", group)
+        self.k, gs = q.in_features, q.group_size
+        n, g = q.scales.shape
+        qz = torch.zeros(n, g * gs)
+        group = torch.arange(self.k) // gs  # (K,) group of each input column
+        qz[:, : self.k] = q.codes()[:, : self.k].float() - q.zeros.float()[:, group]
+        self.register_buffer("qz", qz.view(n, g, gs))  # exact integers
         self.register_buffer("s0", q.scales.float())  # (N, G)
         self.r = nn.Parameter(torch.ones_like(self.s0))
 
@@ -65,7 +81,7 @@ class TunableLinear(nn.Module):
         return self.s0 * self.r  # (N, G)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.qz * self.scales()[:, self.group]  # (N, K)
+        w = (self.qz * self.scales()[:, :, None]).flatten(1)[:, : self.k]  # (N, K)
         return F.linear(x, w)
 
     def write_back(self) -> QLinear:
@@ -123,13 +139,19 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> t
 def teacher_log_probs(teacher: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
     """fp16 log-probs (T, V) of the float model for each window of ``batch`` (S, T)."""
     with torch.inference_mode():
-        return [F.log_softmax(teacher(batch[i: i + 1])[0].float(), -1).half()
+        return [_log_probs(teacher.lm_head, teacher.hidden(batch[i: i + 1])[0])
                 for i in range(batch.shape[0])]
+
+
+def _log_probs(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return F.log_softmax(head(hidden).float(), -1).half()
 
 
 def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, steps: int,
                 lr: float = 2e-3, batch_windows: int = 1, norms: bool = False, seed: int = 0,
-                progress: bool = True, cache_bytes: int | None = None) -> dict:
+                progress: bool = True, cache_bytes: int | None = None, checkpoint_dir=None,
+                checkpoint_every: int | None = None) -> dict:
     """Train the scales (and with ``norms`` the RMSNorm weights) of ``network``'s QLinears in
     place to minimise KL(teacher || network) on the windows of ``batch`` (S, T).
 
@@ -137,7 +159,10 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
     factors (no weight decay), cosine decay from ``lr`` to 0 over ``steps``, each step the mean
     over ``batch_windows`` windows drawn in a seeded order (every window once per epoch).
     The float model's log-probs are cached when all windows fit in ``cache_bytes`` (default:
-    half the free memory), else recomputed at every step.
+    half the free memory), else its hidden states, else everything is recomputed every step.
+    With ``checkpoint_dir`` the run saves its state there every ``checkpoint_every`` steps
+    (default: every two minutes) and a later call with the same settings, windows and model
+    continues from it, ending exactly where an uninterrupted run would.
     Returns summary figures for the model card. Raises InvalidArgument for bad settings and
     UnsupportedModel for a network without QLinear modules.
     """
@@ -167,10 +192,14 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
 
         cache_bytes = available_memory() // 2
     caching = need <= cache_bytes
+    # Else its final hidden states (T x D floats a window, ~1/40 of the log-probs): each step
+    # then runs only its output layer, the same computation as a whole forward's last op.
+    hidden_only = not caching and batch.numel() * network.config.dim * 4 <= cache_bytes
     if not caching:
         log.warning("the float model's log-probs for %d windows need %.1f GB, more than %.1f GB "
-                    "available for them: recomputing them at every step (slower)",
-                    batch.shape[0], need / 1e9, cache_bytes / 1e9)
+                    "available for them: %s at every step (slower)", batch.shape[0], need / 1e9,
+                    cache_bytes / 1e9, "running its output layer" if hidden_only
+                    else "recomputing them")
     params = [m.r for _, m in swapped]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -178,12 +207,30 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
     cache: dict[int, torch.Tensor] = {}
-    losses = []
+    losses: list[float] = []
+    folder = Path(checkpoint_dir) if checkpoint_dir else None
+    key = _run_key(swapped, batch, steps, lr, batch_windows, norms, seed)
+    start = 0
+    saved = checkpoint.load(folder) if folder else None
+    if saved is not None and saved.get("key") != key:
+        log.warning("tuning checkpoint in %s is for other settings or another model; "
+                    "starting over", folder)
+    elif saved is not None:
+        with torch.no_grad():
+            for p, v in zip(params, saved["params"], strict=True):
+                p.copy_(v)
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        g.set_state(saved["generator"])
+        order, losses, start = saved["order"], saved["losses"], saved["step"]
+        log.info("resuming scale tuning from %s at step %d of %d", folder, start, steps)
+    last_save = time.perf_counter()
     was_training = network.training
     network.train()
     try:
-        with tqdm(total=steps, desc="tune scales", unit="step", disable=not progress) as bar:
-            for _ in range(steps):
+        with tqdm(total=steps, initial=start, desc="tune scales", unit="step",
+                  disable=not progress) as bar:
+            for step in range(start, steps):
                 opt.zero_grad(set_to_none=True)
                 loss_sum = 0.0
                 for _ in range(batch_windows):
@@ -191,8 +238,15 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
                         order = torch.randperm(batch.shape[0], generator=g).tolist()
                     i = order.pop()
                     target = cache.get(i)
-                    if target is None:
-                        target = teacher_log_probs(teacher, batch[i: i + 1])[0]
+                    if target is not None and hidden_only:
+                        target = _log_probs(teacher.lm_head, target)
+                    elif target is None:
+                        if hidden_only:
+                            with torch.inference_mode():
+                                cache[i] = teacher.hidden(batch[i: i + 1])[0].clone()
+                            target = _log_probs(teacher.lm_head, cache[i])
+                        else:
+                            target = teacher_log_probs(teacher, batch[i: i + 1])[0]
                         if caching:
                             cache[i] = target
                     loss = kl_to_teacher(network(batch[i: i + 1])[0], target) / batch_windows
@@ -203,6 +257,14 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
                 losses.append(loss_sum)
                 bar.set_postfix(kl=f"{loss_sum:.4f}")
                 bar.update(1)
+                due = ((step + 1) % checkpoint_every == 0 if checkpoint_every
+                       else time.perf_counter() - last_save >= CHECKPOINT_SECONDS)
+                if folder and due and step + 1 < steps:
+                    checkpoint.save(folder, {
+                        "key": key, "step": step + 1, "params": [p.detach() for p in params],
+                        "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "generator": g.get_state(), "order": order, "losses": losses})
+                    last_save = time.perf_counter()
     finally:
         network.train(was_training)
         _put_back(network, swapped)
@@ -210,34 +272,49 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
             p.requires_grad_(flag)
     tail = losses[-max(1, steps // 10):]
     return {"steps": steps, "lr": lr, "batch_windows": batch_windows, "norms": norms,
-            "seed": seed, "teacher_cached": caching, "kl_first_step": round(losses[0], 5),
+            "seed": seed, "teacher_cached": "log-probs" if caching else (
+                "hidden states" if hidden_only else False), "kl_first_step": round(losses[0], 5),
             "kl_last_10pct_steps": round(sum(tail) / len(tail), 5),
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
+def _run_key(swapped, batch, *settings) -> str:
+    """A fingerprint of a tuning run: its settings, its windows and the model's starting scales
+    and codes, so a checkpoint is only ever resumed into the same run."""
+    h = hashlib.sha256(json.dumps(settings).encode())
+    h.update(batch.numpy().tobytes())
+    for name, m in swapped:
+        h.update(name.encode())
+        if isinstance(m, TunableLinear):
+            h.update(m.s0.numpy().tobytes())
+            h.update(m.source.qweight.numpy().tobytes())
+    return h.hexdigest()
+
+
 def tune(qmodel, reference, steps: int, lr: float = 2e-3, batch_windows: int = 1,
-         norms: bool = False, calibration: str | None = None, samples: int = 32,
+         norms: bool = False, calibration: str | None = None, samples: int | None = None,
          seq_len: int = 512, seed: int = 0, progress: bool = True,
-         windows: tuple[torch.Tensor, dict] | None = None):
+         windows: tuple[torch.Tensor, dict] | None = None, checkpoint_dir=None):
     """A copy of the quantized ``qmodel`` with its scales tuned toward the float ``reference``
     (the model it was quantized from); the card gets a "tune" step. For a model made in one go
-    use ``quantize(..., tune_steps=N)``. ``windows``: token windows (S, T) already drawn, and
-    their provenance for the card, instead of ``calibration_samples``' draw.
-    Raises as ``tune_scales`` and ``calibration_samples``.
+    use ``quantize(..., tune_steps=N)``. The windows are ``samples`` disjoint windows of the
+    ``calibration`` file (None: all; ``calibration_tiles``), or ``windows``: token windows
+    (S, T) already drawn, and their provenance for the card.
+    Raises as ``tune_scales`` and ``calibration_tiles``.
     """
     import copy
 
     from pocketlm.api import Model
-    from pocketlm.compress.calibration import calibration_samples
+    from pocketlm.compress.calibration import calibration_tiles
 
-    check_tune_settings(steps, lr, batch_windows)
+    check_tune_settings(steps, lr, batch_windows, samples)
     if not getattr(qmodel.network, "quantization_config", None):
         raise UnsupportedModel("tune() takes a quantized model; quantize the float one first")
-    batch, info = windows or calibration_samples(qmodel.tokenizer, calibration, samples, seq_len,
-                                                 seed)
+    batch, info = windows or calibration_tiles(qmodel.tokenizer, calibration, seq_len, samples,
+                                               seed)
     network = copy.deepcopy(qmodel.network)
     stats = tune_scales(network, reference.network, batch, steps, lr, batch_windows, norms, seed,
-                        progress)
+                        progress, checkpoint_dir=checkpoint_dir)
     card = copy.deepcopy(qmodel.card)
     card.add_step("tune", calibration=info, **stats)
     return Model(network, qmodel.tokenizer, card)
