@@ -4,13 +4,13 @@
         JSON: '[{"steps": 40, "lr": 2e-3, "bw": 1, "norms": false}, ...]'
 
 DIR is a GPTQ folder made by ``quantize(..., samples=32, seq_len=512)`` (the calibration of
-bench/compress.py). Each variant tunes a copy with ``pocketlm.compress.tune.tune`` on those
-same 32 windows of wiki.valid, saves it under --out (bench/compress.py --tune --tuned-from
-then scores it on the test pages), and scores it on ``--held`` 512-token windows of wiki.valid
-that overlap no calibration window: perplexity and KL(fp32 || model). A variant with
-``"samples": N`` tunes on N windows of wiki.valid drawn with seed 1 *around* the held-out
-windows instead (more calibration text than the GPTQ draw, still none of the held-out text);
-its card records that draw. ``--base`` also scores fp32 and the untuned GPTQ model. Figures go to bench/results/compress.json under
+bench/compress.py). Each variant tunes a copy with ``pocketlm.compress.tune.tune`` on the
+disjoint 512-token windows of wiki.valid that overlap none of the ``--held`` held-out windows
+(``"samples": N``: the first N of them in a seeded order), saves it under --out, and scores it
+on the held-out windows (spread over wiki.valid, overlapping no GPTQ calibration window):
+perplexity and KL(fp32 || model). ``--base`` also scores fp32 and the untuned GPTQ model.
+Rows of earlier sessions (keys without "tiles") tuned on GPTQ's own 32 windows or on windows
+drawn at random around the held-out ones. Figures go to bench/results/compress.json under
 "gptq_tuned_selection" (merged, so earlier variants stay).
 """
 
@@ -48,23 +48,25 @@ def held_out(tokenizer, n: int, seq_len: int = 512, samples: int = 32) -> torch.
     return torch.stack([ids[s: s + seq_len] for s in held_out_starts(ids, n, seq_len, samples)])
 
 
-def windows_around(tokenizer, samples: int, held: int, seq_len: int = 512, seed: int = 1):
-    """``samples`` windows (samples, seq_len) of wiki.valid at seeded random starts, each
-    overlapping none of the ``held`` held-out windows; and their provenance for the card."""
+def tiles_around(tokenizer, held: int, seq_len: int = 512, samples: int | None = None,
+                 seed: int = 0):
+    """wiki.valid cut into disjoint windows of ``seq_len`` tokens, without those that overlap
+    any of the ``held`` held-out windows, in a seeded order, the first ``samples`` (None: all);
+    (S, seq_len) and their provenance for the card. ``calibration_tiles`` minus the held-out
+    text: what a user's ``quantize(..., tune_steps=N)`` tunes on."""
     from pocketlm.compress.calibration import file_sha256
 
     ids = torch.tensor(tokenizer.encode(DEFAULT_CALIBRATION.read_text()))
-    avoid = held_out_starts(ids, held, seq_len)
-    g = torch.Generator().manual_seed(seed)
-    starts: list[int] = []
-    while len(starts) < samples:
-        s = int(torch.randint(0, len(ids) - seq_len, (1,), generator=g))
-        if all(abs(s - h) >= seq_len for h in avoid):
-            starts.append(s)
+    avoid = held_out_starts(ids, held, 512)
+    starts = [s for s in range(0, len(ids) - seq_len + 1, seq_len)
+              if all(s + seq_len <= h or s >= h + 512 for h in avoid)]
+    order = torch.randperm(len(starts), generator=torch.Generator().manual_seed(seed)).tolist()
+    order = order[:samples] if samples else order
     info = {"file": str(DEFAULT_CALIBRATION), "sha256": file_sha256(DEFAULT_CALIBRATION),
-            "samples": samples, "seq_len": seq_len, "seed": seed, "tokens": samples * seq_len,
+            "tiles": f"{len(order)} of {len(starts)}", "seq_len": seq_len, "seed": seed,
+            "tokens": len(order) * seq_len,
             "avoids": f"the {held} held-out windows of bench/quant_tune_select.py"}
-    return torch.stack([ids[s: s + seq_len] for s in starts]), info
+    return torch.stack([ids[starts[i]: starts[i] + seq_len] for i in order]), info
 
 
 def score(network, held: torch.Tensor, teacher: list[torch.Tensor]) -> dict:
@@ -99,10 +101,10 @@ def main() -> None:
         print(fig["fp32"], fig["gptq"], flush=True)
     calibration_samples(ref.tokenizer, None, 32, 512, 0)  # fail early on a missing file
     for v in json.loads(a.variants):
-        around = windows_around(ref.tokenizer, v["samples"], a.held) if "samples" in v else None
+        around = tiles_around(ref.tokenizer, a.held, samples=v.get("samples"))
         t = tune(q, ref, v["steps"], v["lr"], v.get("bw", 1), v.get("norms", False),
-                 samples=32, seq_len=512, seed=0, windows=around)
-        name = "-".join(f"{k}{v[k]}" for k in sorted(v))
+                 windows=around)
+        name = "tiles-" + "-".join(f"{k}{v[k]}" for k in sorted(v))
         t.save(Path(a.out) / name)
         st = t.card.steps[-1]["settings"]
         fig[name] = {**score(t.network, held, teacher), "tune_s": st["seconds"],
