@@ -3,9 +3,10 @@
     .venv/bin/python bench/compress.py [--pages 3] [--context 1024 --stride 512]
                                        [--samples 32 --seq-len 512] [--threads 1] [--resume]
                                        [--no-speed] [--peer-types F16,Q8_0,Q4_0] [--report-only]
+                                       [--only CONFIG,...] [--key quantize]
 
 The 2026-11-29 figures: ``--pages 5 --context 1024 --stride 1024 --no-speed`` (then
-``--resume --peer-types F16,Q8_0,Q4_0``).
+``--resume --peer-types F16,Q8_0,Q4_0``). The whole test split: ``--pages 0``.
 
 Reference: the default model (SmolLM2-135M-Instruct, from its Q4_1 GGUF) dequantized to fp32.
 Each configuration is quantized, saved, *loaded back from the folder* (what a user runs), and
@@ -13,7 +14,7 @@ measured:
 - quality: WikiText-2 raw *test* perplexity from ``pocketlm.evaluate`` (lm-eval's pages and
   metrics) over the first ``--pages`` pages, rolling windows of ``--context`` tokens with
   ``--stride``; calibration (GPTQ/AWQ): ``--samples`` seeded windows of ``--seq-len`` tokens
-  from the *validation* split;
+  from the *validation* split (scale tuning: every disjoint window of it);
 - size: model.safetensors bytes, and its ratio to fp32 (4 bytes x parameters);
 - speed: decode tokens/s at batch 1 (``pocketlm.engine.bench.time_decode``), alternating
   fp32 and the quantized model A B A B, medians; the kernel in use ("avx2", or "fallback" =
@@ -22,8 +23,9 @@ Peer (when .peer/build exists): llama.cpp's ``llama-quantize --allow-requantize`
 GGUF to Q8_0 and Q4_0 (and F16 as its reference), ``llama-perplexity`` on the same pages'
 text (its own windows: chunks of --context, second half scored), ``llama-bench`` decode.
 
-Figures go under "quantize" in bench/results/compress.json after every configuration, so
-``--resume`` continues after an interruption.
+Figures go under "quantize" (or ``--key``) in bench/results/compress.json after every
+configuration, so ``--resume`` continues after an interruption; a configuration interrupted
+midway resumes from quantize()'s checkpoint in the temp folder.
 """
 
 from __future__ import annotations
@@ -68,6 +70,10 @@ CONFIGS = {  # name -> quantize() settings; None = quantize()'s default for the 
     "int8_rtn": {"method": "rtn", "bits": 8, "group_size": 0},
     "int4_rtn_g128_asym": {"method": "rtn", "bits": 4, "group_size": 128, "sym": False},
     "int4_gptq_g128_cal64": {"method": "gptq", "bits": 4, "group_size": 128, "samples": 64},
+    # GPTQ, then its scales and norm weights tuned toward the float model on every disjoint
+    # 512-token window of wiki.valid, one pass (~1 h on 2 cores): the best int4 we make.
+    "int4_gptq_g128_tuned": {"method": "gptq", "bits": 4, "group_size": 128, "tune_steps": 470,
+                             "tune_norms": True},
 }
 SPEED_KEYS = ("decode_tokens_per_s", "fp32_decode_tokens_per_s_same_run",
               "decode_speedup_vs_fp32")
@@ -79,12 +85,15 @@ def measure(ref, name: str, settings: dict, a) -> dict:
     t0 = time.perf_counter()
     extra = {"samples": a.samples, "seq_len": a.seq_len} if settings["method"] != "rtn" else {}
     extra = {k: v for k, v in extra.items() if k not in settings}  # a config's own wins
-    q = quantize(ref, **settings, **extra)
+    # A killed run resumes from its finished layers / tuning steps (quantize's checkpoints).
+    partial = Path(tempfile.gettempdir()) / f"pocketlm-bench-compress-{name}.partial"
+    q = quantize(ref, **settings, **extra, checkpoint_dir=str(partial))
     seconds = time.perf_counter() - t0
     before = q.logits(ids)
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(a.save_dir) / name if a.save_dir else Path(tmp)
         q.save(d)
-        size = os.path.getsize(Path(d) / "model.safetensors")
+        size = os.path.getsize(d / "model.safetensors")
         del q
         loaded = pocketlm.load(d, threads=a.threads)
     identical = bool(torch.equal(loaded.logits(ids), before))
@@ -92,6 +101,8 @@ def measure(ref, name: str, settings: dict, a) -> dict:
            "file_ratio_to_fp32": size / (4 * ref.config.n_params),
            "logits_bit_identical_after_load": identical, "kernel": backend()}
     row.update(perplexity(loaded, a))
+    if tuned := _tune_settings(loaded):
+        row["tune"] = tuned
     row["quantization_config"] = {k: v for k, v in loaded.network.quantization_config.items()
                                   if k != "modules"}
     if a.no_speed:
@@ -101,6 +112,12 @@ def measure(ref, name: str, settings: dict, a) -> dict:
     row["fp32_decode_tokens_per_s_same_run"] = 1 / d["fp32"]
     row["decode_speedup_vs_fp32"] = d["fp32"] / d[name]
     return row
+
+
+def _tune_settings(model) -> dict:
+    """The tuning figures a quantize step recorded on the card ({} without tuning)."""
+    steps = [st for st in model.card.steps if st["step"] == "quantize"]
+    return steps[-1]["settings"].get("tune", {}) if steps else {}
 
 
 # -- llama.cpp ----------------------------------------------------------------------------------
@@ -215,13 +232,16 @@ def _earlier_date() -> str:
     return f"{m.get('date', '?')} (commit {m.get('commit', '?')})"
 
 
+KEY = "quantize"  # compress.json key of this run (--key)
+
+
 def load_results() -> dict:
-    return read_results("compress", "quantize")
+    return read_results("compress", KEY)
 
 
 def save_results(figures: dict) -> None:
-    """Only the "quantize" key is ours; "prune" belongs to bench/prune.py."""
-    merge_results("compress", "quantize", figures)
+    """Only our key is ours; "prune" belongs to bench/prune.py."""
+    merge_results("compress", KEY, figures)
 
 
 perplexity = wikitext_perplexity
@@ -229,7 +249,10 @@ perplexity = wikitext_perplexity
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--pages", type=int, default=3, help="WikiText-2 test pages scored (3)")
+    ap.add_argument("--pages", type=int, default=3,
+                    help="WikiText-2 test pages scored (3; 0 = all 62)")
+    ap.add_argument("--key", default="quantize",
+                    help="compress.json key for this run's figures (quantize)")
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--stride", type=int, default=512)
     ap.add_argument("--samples", type=int, default=32, help="calibration windows (32)")
@@ -239,6 +262,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="threads for everything, ours and llama.cpp (1: the machine is shared)")
     ap.add_argument("--only", default="", help="comma-separated configs (default: all)")
+    ap.add_argument("--save-dir", default=None,
+                    help="keep each quantized model as DIR/CONFIG (default: a temp folder)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--peer-types", default="SOURCE_Q4_1,F16,Q8_0,Q4_0",
                     help="llama.cpp files to score (F16 is the reference of the others)")
@@ -249,34 +274,10 @@ def main() -> None:
                          "figures of the same config, marked as such")
     ap.add_argument("--report-only", action="store_true",
                     help="measure nothing: print the table of compress.json (and append it)")
-    t = ap.add_argument_group("--tune: GPTQ + scale tuning (key gptq_tuned of compress.json)")
-    t.add_argument("--tune", action="store_true",
-                   help="measure GPTQ g128 with and without scale tuning instead of CONFIGS")
-    t.add_argument("--tune-bits", default="4", help="comma-separated bit widths (4)")
-    t.add_argument("--tune-steps", type=int, default=40)
-    t.add_argument("--tune-lr", type=float, default=2e-3)
-    t.add_argument("--tune-batch", type=int, default=1)
-    t.add_argument("--tune-norms", action="store_true")
-    t.add_argument("--tune-samples", type=int, default=0,
-                   help="calibration windows for the tuning (0: the same --samples as GPTQ); "
-                        "bench/quant_tune_select.py draws them around its held-out windows")
-    t.add_argument("--tune-seed", type=int, default=0, help="seed of the tuning windows' draw")
-    t.add_argument("--gptq-from", default="",
-                   help="BITS=DIR,...: GPTQ folders already made with these settings (checked "
-                        "against their card), instead of quantizing again")
-    t.add_argument("--tuned-from", default="",
-                   help="BITS=DIR,...: tuned folders already made with these settings (checked "
-                        "against their card), instead of tuning again")
     a = ap.parse_args()
-    if a.tune and a.report_only:
-        fig = read_results("compress", "gptq_tuned")
-        print(tune_report(fig))
-        if not a.no_section:
-            append_section("GPTQ + scale tuning (bench/compress.py --tune)", tune_note(fig))
-        return
-    if a.tune:
-        tune_study(a)
-        return
+    a.pages = a.pages or None  # 0: every page
+    global KEY
+    KEY = a.key
     if a.report_only:
         fig = load_results()
         print(report(fig))
@@ -322,143 +323,8 @@ def main() -> None:
         section(fig)
 
 
-# -- GPTQ + scale tuning -------------------------------------------------------------------------
-def _folders(spec: str) -> dict[int, str]:
-    return {int(b): d for b, d in (x.split("=", 1) for x in spec.split(",") if x)}
-
-
-def _checked(folder: str, step: str, want: dict):
-    """Load a folder made earlier, after checking its card's ``step`` has the ``want`` settings."""
-    m = pocketlm.load(folder, threads=1)
-    got = next((st["settings"] for st in reversed(m.card.steps) if st["step"] == step), {})
-    cal = got.get("calibration", {})
-    flat = {**got, "samples": cal.get("samples"), "seq_len": cal.get("seq_len"),
-            "seed": cal.get("seed")}
-    bad = {k: (flat.get(k), v) for k, v in want.items() if flat.get(k) != v}
-    if bad:
-        raise SystemExit(f"{folder}: its {step!r} step differs from the settings asked: {bad}")
-    return m, got
-
-
-def _scored(model, ref_row: dict, a) -> dict:
-    with tempfile.TemporaryDirectory() as d:  # measured after save + load, as users run it
-        model.save(d)
-        size = os.path.getsize(Path(d) / "model.safetensors")
-        ids = model.encode("The history of the city begins in the year 1200, when")
-        loaded = pocketlm.load(d, threads=a.threads)
-        same = bool(torch.equal(loaded.logits(ids), model.logits(ids)))
-    row = {"file_bytes": size, "logits_bit_identical_after_load": same, **perplexity(loaded, a)}
-    for k in ("token_perplexity", "word_perplexity"):
-        row[f"{k}_vs_fp32_pct"] = 100 * (row[k] / ref_row[k] - 1)
-    return row
-
-
-def tune_study(a) -> None:
-    from pocketlm.compress.tune import tune
-
-    fig = read_results("compress", "gptq_tuned")
-    base = load_results()
-    settings = {"pages": a.pages, "context": a.context, "stride": a.stride,
-                "calibration_samples": a.samples, "calibration_seq_len": a.seq_len}
-    if fig.get("settings") != settings:  # rows of other eval settings do not compare
-        fig = {}
-    fig["settings"] = settings
-    ref = pocketlm.load("smollm2-135m-instruct", threads=a.threads)
-    same_eval = base.get("settings", {})
-    if all(same_eval.get(k) == settings[k] for k in ("pages", "context", "stride")) \
-            and "fp32" in base:  # the float model's figure does not change between runs
-        fig["fp32"] = {**base["fp32"], "from": "the quantize key (same pages and windows)"}
-    if "fp32" not in fig:
-        fig["fp32"] = perplexity(ref, a)
-    merge_results("compress", "gptq_tuned", fig)
-    gptq_from, tuned_from = _folders(a.gptq_from), _folders(a.tuned_from)
-    same_cal = all(same_eval.get(k) == settings[k] for k in
-                   ("pages", "context", "stride", "calibration_samples", "calibration_seq_len"))
-    for bits in (int(b) for b in a.tune_bits.split(",")):
-        name = f"int{bits}_gptq_g128"
-        cal = {"samples": a.samples, "seq_len": a.seq_len, "seed": 0}
-        want_q = {"method": "gptq", "bits": bits, "group_size": 128, **cal}
-
-        def gptq(bits=bits, want_q=want_q):
-            if bits in gptq_from:
-                return _checked(gptq_from[bits], "quantize", want_q)[0]
-            return quantize(ref, "gptq", bits, 128, samples=a.samples, seq_len=a.seq_len)
-
-        q = None
-        if name not in fig and same_cal and "token_perplexity" in base.get(name, {}):
-            # GPTQ is deterministic and unchanged since: its figure from the quantize key
-            fig[name] = {k: base[name][k] for k in ("file_bytes", "word_perplexity",
-                                                     "token_perplexity", "tokens_scored",
-                                                     "logits_bit_identical_after_load")}
-            fig[name].update({f"{k}_vs_fp32_pct": 100 * (fig[name][k] / fig["fp32"][k] - 1)
-                              for k in ("token_perplexity", "word_perplexity")},
-                             **{"from": "the quantize key (same settings)"})
-        if name not in fig:
-            q = gptq()
-            fig[name] = _scored(q, fig["fp32"], a)
-            merge_results("compress", "gptq_tuned", fig)
-        tune_cal = {"samples": a.tune_samples or a.samples, "seq_len": a.seq_len,
-                    "seed": a.tune_seed}
-        tuned_name = (name + ("_tuned_norms" if a.tune_norms else "_tuned")
-                      + (f"_{a.tune_steps}steps" if a.tune_steps != 40 else "")  # 40: first runs
-                      + (f"_{tune_cal['samples']}windows" if tune_cal != cal else "")
-                      + (f"_lr{a.tune_lr:g}" if a.tune_lr != 2e-3 else ""))
-        if bits in tuned_from:
-            tuned, st = _checked(tuned_from[bits], "tune", {
-                "steps": a.tune_steps, "lr": a.tune_lr, "batch_windows": a.tune_batch,
-                "norms": a.tune_norms, **tune_cal})
-            _checked(tuned_from[bits], "quantize", want_q)
-            row = {"tuned_in_an_earlier_run": tuned_from[bits]}
-        else:
-            tuned = tune(q or gptq(), ref, a.tune_steps, a.tune_lr, a.tune_batch, a.tune_norms,
-                         samples=tune_cal["samples"], seq_len=a.seq_len, seed=a.tune_seed)
-            st, row = tuned.card.steps[-1]["settings"], {}
-        row.update(tune_calibration=st.get("calibration", {}),
-                   tune_steps=a.tune_steps, tune_lr=a.tune_lr, tune_batch_windows=a.tune_batch,
-                   tune_norms=a.tune_norms, threads=a.threads, tune_s=st["seconds"],
-                   tune_kl_first_step=st["kl_first_step"],
-                   tune_kl_last_10pct_steps=st["kl_last_10pct_steps"],
-                   **_scored(tuned, fig["fp32"], a))
-        fig[tuned_name] = row
-        print(json.dumps({k: fig[k] for k in (name, tuned_name)}, indent=1), flush=True)
-        merge_results("compress", "gptq_tuned", fig)
-    print(tune_report(fig))
-    if not a.no_section:
-        append_section("GPTQ + scale tuning (bench/compress.py --tune)", tune_note(fig))
-
-
-def tune_report(fig: dict) -> str:
-    ref = fig["fp32"]
-    rows = [["fp32", "", ref["word_perplexity"], "", ref["token_perplexity"], "",
-             ref.get("tokens_scored", ""), "", ""]]
-    for name, r in fig.items():
-        if name in ("settings", "fp32") or "token_perplexity" not in r:
-            continue
-        windows = r.get("tune_calibration", {}).get("samples",
-                                                    fig["settings"]["calibration_samples"])
-        rows.append([name, f"{r['file_bytes'] / 1e6:.1f} MB", r["word_perplexity"],
-                     f"{r['word_perplexity_vs_fp32_pct']:+.1f}%", r["token_perplexity"],
-                     f"{r['token_perplexity_vs_fp32_pct']:+.1f}%", r["tokens_scored"],
-                     f"{r['tune_steps']} x {r['tune_batch_windows']} x "
-                     f"{fig['settings']['calibration_seq_len']} tok, lr {r['tune_lr']:g}, "
-                     f"{windows} windows"
-                     if "tune_s" in r else "",
-                     f"{r['tune_s'] / 60:.0f} min ({r['threads']} thr)" if "tune_s" in r else ""])
-    return markdown_table(["config", "file", "word ppl", "vs fp32", "token ppl", "vs fp32",
-                           "tokens", "tuning", "tuning time"], rows)
-
-
-def tune_note(fig: dict) -> str:
-    s = fig["settings"]
-    return (f"WikiText-2 test, first {s['pages']} pages, context {s['context']}, stride "
-            f"{s['stride']} (pocketlm.evaluate), every model after save + load. GPTQ as in the "
-            f"quantize section ({s['calibration_samples']} x {s['calibration_seq_len']} tokens of "
-            "wiki.valid), then `tune()`: codes and zero points fixed, the fp16 group scales "
-            "(`_norms`: and the RMSNorm weights) trained to minimise KL(fp32 || quantized) on "
-            "calibration windows of wiki.valid (GPTQ's own, or `_Nwindows`: N windows drawn "
-            "around bench/quant_tune_select.py's held-out ones) with AdamW, cosine decay; steps "
-            "x windows a step, the relative lr and the windows in the table. Same format, same "
-            "file size.\n\n" + tune_report(fig))
+def _pages(settings: dict) -> str:
+    return f"first {settings['pages']} pages" if settings["pages"] else "all 62 pages"
 
 
 def section(fig: dict) -> None:
@@ -471,7 +337,7 @@ def section(fig: dict) -> None:
              "fp32, medians")
     append_section(
         "Quantization (bench/compress.py)",
-        f"WikiText-2 test, first {s['pages']} pages, context {s['context']} ({windows}; "
+        f"WikiText-2 test, {_pages(s)}, context {s['context']} ({windows}; "
         f"pocketlm.evaluate); calibration {s['calibration_samples']} x "
         f"{s['calibration_seq_len']} tokens of the validation split; {speed}; "
         f"{s['threads']} thread(s). Every quantized model is measured after save + load. "
