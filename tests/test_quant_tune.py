@@ -259,3 +259,19 @@ def test_more_tiles_than_the_file_holds_uses_all_and_says_so(made, calib_file, c
         tiles, _ = calibration_tiles(tok, calib_file, 48, samples=10**6)
     assert tiles.shape[0] == len(tok.encode(Path(calib_file).read_text())) // 48
     assert "fewer than the 1000000 asked for" in caplog.text
+
+
+def test_cli_quantize_with_tuning_records_it_on_the_card(made, calib_file, tmp_path, capsys):
+    from pocketlm.cli import main
+
+    made["float"].save(tmp_path / "float")
+    rc = main(["quantize", str(tmp_path / "float"), "--method", "gptq", "--bits", "4",
+               "--group-size", "32", "--calibration", calib_file, "--samples", "6",
+               "--seq-len", "48", "--tune-steps", "3", "--tune-samples", "4", "--tune-norms",
+               "-o", str(tmp_path / "int4t")])
+    assert rc in (0, None)
+    out = pocketlm.load(tmp_path / "int4t")
+    tuned = out.card.steps[-1]["settings"]["tune"]
+    assert tuned["steps"] == 3 and tuned["norms"] is True
+    assert tuned["calibration"]["tiles"].startswith("4 of ")
+    assert not (tmp_path / "int4t.partial").exists()  # finished: no checkpoint left behind
