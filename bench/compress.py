@@ -3,10 +3,12 @@
     .venv/bin/python bench/compress.py [--pages 3] [--context 1024 --stride 512]
                                        [--samples 32 --seq-len 512] [--threads 1] [--resume]
                                        [--no-speed] [--peer-types F16,Q8_0,Q4_0] [--report-only]
-                                       [--only CONFIG,...] [--key quantize]
+                                       [--only CONFIG,...] [--key quantize] [--save-dir DIR]
 
 The 2026-11-29 figures: ``--pages 5 --context 1024 --stride 1024 --no-speed`` (then
-``--resume --peer-types F16,Q8_0,Q4_0``). The whole test split: ``--pages 0``.
+``--resume --peer-types F16,Q8_0,Q4_0``). The 2026-12-01 figures, the whole test split
+(key "quantize_full_test"): ``--pages 0 --context 1024 --stride 1024 --no-speed --no-peer
+--threads 2 --key quantize_full_test --only int4_gptq_g128_tuned,int4_gptq_g128,...``.
 
 Reference: the default model (SmolLM2-135M-Instruct, from its Q4_1 GGUF) dequantized to fp32.
 Each configuration is quantized, saved, *loaded back from the folder* (what a user runs), and
