@@ -224,6 +224,19 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
         g.set_state(saved["generator"])
         order, losses, start = saved["order"], saved["losses"], saved["step"]
         log.info("resuming scale tuning from %s at step %d of %d", folder, start, steps)
+    def target_of(i: int) -> torch.Tensor:
+        """The float model's log-probs of window i: cached, from its cached hidden states, or
+        computed afresh."""
+        kept = cache.get(i)
+        if kept is None:
+            window = batch[i: i + 1]
+            with torch.inference_mode():
+                kept = (teacher.hidden(window)[0] if hidden_only
+                        else teacher_log_probs(teacher, window)[0])
+            if caching or hidden_only:
+                cache[i] = kept
+        return _log_probs(teacher.lm_head, kept) if hidden_only else kept
+
     last_save = time.perf_counter()
     was_training = network.training
     network.train()
@@ -237,19 +250,7 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
                     if not order:
                         order = torch.randperm(batch.shape[0], generator=g).tolist()
                     i = order.pop()
-                    target = cache.get(i)
-                    if target is not None and hidden_only:
-                        target = _log_probs(teacher.lm_head, target)
-                    elif target is None:
-                        if hidden_only:
-                            with torch.inference_mode():
-                                cache[i] = teacher.hidden(batch[i: i + 1])[0].clone()
-                            target = _log_probs(teacher.lm_head, cache[i])
-                        else:
-                            target = teacher_log_probs(teacher, batch[i: i + 1])[0]
-                        if caching:
-                            cache[i] = target
-                    loss = kl_to_teacher(network(batch[i: i + 1])[0], target) / batch_windows
+                    loss = kl_to_teacher(network(batch[i: i + 1])[0], target_of(i)) / batch_windows
                     loss.backward()
                     loss_sum += loss.item()
                 opt.step()
