@@ -14,7 +14,7 @@ from pocketlm.compress.gptq import (
     gptq_quantize,
     output_error,
 )
-from pocketlm.compress.quantize import Grid, rtn
+from pocketlm.compress.quantize import LINEARS, Grid, rtn
 
 IDS = list(range(10, 60))
 
@@ -58,7 +58,7 @@ def test_sink_weight_scales_only_the_first_tokens_rows_of_key_and_value_hessians
     walk = Layerwise(net, batch, {}, None)
     block = net.layers[0]
     plain = _collect_hessians(block, walk)
-    weighted = _collect_hessians(block, walk, 16.0, SINK_LINEARS)
+    weighted = _collect_hessians(block, walk, LINEARS, 16.0, SINK_LINEARS)
     with torch.inference_mode():
         x0 = block.input_layernorm(walk.hidden)[:, 0].float()  # (3, D): k/v inputs, first token
     extra = 2 * 15.0 * x0.T @ x0 / batch.numel()
@@ -90,7 +90,8 @@ def test_cli_flags_override_the_gptq_defaults(tiny_model, tmp_path, monkeypatch)
     seen = {}
 
     def fake_quantize(model, method, bits, group, sym, keep, *args, **kw):
-        seen.update(method=method, sym=sym, act_order=args[4], clip=args[6])
+        seen.update(method=method, sym=sym, act_order=args[4], clip=args[6],
+                    sequential=kw["sequential"], int8=kw["int8"])
         raise SystemExit(0)
 
     import argparse
@@ -103,10 +104,53 @@ def test_cli_flags_override_the_gptq_defaults(tiny_model, tmp_path, monkeypatch)
 
     ap = argparse.ArgumentParser()
     commands.register(ap.add_subparsers())
-    for argv, want in [([], (None, None, False)),
-                       (["--sym", "--no-act-order", "--clip"], (True, False, True))]:
+    for argv, want in [([], (None, None, False, None, ())),
+                       (["--sym", "--no-act-order", "--clip", "--no-sequential", "--int8",
+                         "layers.0.mlp.*, layers.29.mlp.down_proj"],
+                        (True, False, True, False, ("layers.0.mlp.*", "layers.29.mlp.down_proj")))]:
         a = ap.parse_args(["quantize", "m", "--method", "gptq", "--bits", "4", "-o",
                            str(tmp_path / "o"), *argv])
         with pytest.raises(SystemExit):
             a.func(a)
-        assert (seen["sym"], seen["act_order"], seen["clip"]) == want
+        assert (seen["sym"], seen["act_order"], seen["clip"], seen["sequential"],
+                seen["int8"]) == want
+
+
+# -- sequential: each stage of a block from the block quantized so far -------------------------
+def test_sequential_takes_each_stage_from_the_block_quantized_so_far(tiny_model, monkeypatch):
+    import copy
+
+    from pocketlm.compress import gptq
+
+    batch = torch.randint(5, 100, (3, 16), generator=torch.Generator().manual_seed(0))
+    grid = Grid(4, 32, False)
+    hessians = []
+    real = gptq.gptq_quantize
+
+    def spy(w, h, *args, **kw):
+        hessians.append(h.clone())
+        return real(w, h, *args, **kw)
+
+    monkeypatch.setattr(gptq, "gptq_quantize", spy)
+    seen = {}
+    for sequential in (False, True):
+        net = copy.deepcopy(tiny_model.network)
+        hessians.clear()
+        gptq.gptq_network(net, batch, grid, progress=False, sequential=sequential,
+                          sink_weight=1.0)
+        seen[sequential] = hessians[3]  # block 0's o_proj (order q, k, v, o, gate, up, down)
+    # o_proj's inputs from block 0 with its float q/k/v, and with the quantized ones
+    net = copy.deepcopy(tiny_model.network)
+    walk = Layerwise(net, batch, {}, None)
+    float_block = copy.deepcopy(net.layers[0])
+    quantized = copy.deepcopy(float_block)
+    qnet = copy.deepcopy(tiny_model.network)
+    gptq.gptq_network(qnet, batch, grid, progress=False, sequential=True, sink_weight=1.0)
+    for name in ("q_proj", "k_proj", "v_proj"):
+        setattr(quantized.self_attn, name, getattr(qnet.layers[0].self_attn, name))
+    want = {}
+    for key, block in (("float", float_block), ("qkv quantized", quantized)):
+        want[key] = _collect_hessians(block, walk, ("self_attn.o_proj",))["self_attn.o_proj"]
+    torch.testing.assert_close(seen[False], want["float"])
+    torch.testing.assert_close(seen[True], want["qkv quantized"])
+    assert not torch.allclose(want["float"], want["qkv quantized"])

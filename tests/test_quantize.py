@@ -231,12 +231,14 @@ def test_int8_rtn_barely_changes_the_tiny_model(tiny_model):
     assert (got - ref).abs().max() < 0.02 * ref.abs().max()
 
 
-def test_gptq_resumes_from_its_last_finished_layer(tiny_model, tmp_path, calib_file, monkeypatch):
+@pytest.mark.parametrize("extra", [{}, {"int8": ["layers.0.mlp.*"]}, {"sequential": False}])
+def test_gptq_resumes_from_its_last_finished_layer(tiny_model, tmp_path, calib_file, monkeypatch,
+                                                   extra):
     from pocketlm.compress import gptq
 
     ckpt = tmp_path / "out.partial"
     kw = {"method": "gptq", "bits": 4, "group_size": 32, "calibration": calib_file,
-          "samples": 4, "seq_len": 32, "progress": False, "checkpoint_dir": str(ckpt)}
+          "samples": 4, "seq_len": 32, "progress": False, "checkpoint_dir": str(ckpt), **extra}
     full = quantize(tiny_model, **kw).logits(IDS)
     real, calls = gptq.Layerwise.save, []
 
@@ -254,6 +256,40 @@ def test_gptq_resumes_from_its_last_finished_layer(tiny_model, tmp_path, calib_f
     assert calls == [0, 1]  # the second run did only block 1
     assert torch.equal(resumed.logits(IDS), full)
     assert not ckpt.exists()
+
+
+def test_int8_patterns_make_a_mixed_precision_model_that_loads_bit_identical(
+        tiny_model, tmp_path, calib_file):
+    kw = {"group_size": 32, "calibration": calib_file, "samples": 4, "seq_len": 32,
+          "progress": False}
+    plain = quantize(tiny_model, "gptq", 4, **kw)
+    mixed = quantize(tiny_model, "gptq", 4, int8=["layers.0.mlp.*"], **kw)
+    net = mixed.network
+    assert [net.layers[0].mlp.get_submodule(n).bits for n in ("gate_proj", "up_proj",
+                                                                "down_proj")] == [8, 8, 8]
+    assert net.layers[0].mlp.down_proj.scales.shape[1] == 1  # int8: one scale per channel
+    assert net.layers[0].self_attn.q_proj.bits == 4 and net.layers[1].mlp.up_proj.bits == 4
+    cfg = net.quantization_config
+    assert cfg["int8"] == ["layers.0.mlp.*"]
+    assert cfg["modules"]["layers.0.mlp.up_proj"]["bits"] == 8
+    assert cfg["modules"]["layers.1.mlp.up_proj"]["bits"] == 4
+    ref = tiny_model.logits(IDS)
+    assert (mixed.logits(IDS) - ref).abs().mean() < (plain.logits(IDS) - ref).abs().mean()
+    mixed.save(tmp_path / "m")
+    loaded = pocketlm.load(tmp_path / "m")
+    assert torch.equal(loaded.logits(IDS), mixed.logits(IDS))
+    assert loaded.network.layers[0].mlp.up_proj.bits == 8
+    assert (loaded.generate("the cat", temperature=0, max_tokens=5)
+            == mixed.generate("the cat", temperature=0, max_tokens=5))
+    assert mixed.card.steps[-1]["settings"]["weight_bytes"] > plain.card.steps[-1]["settings"][
+        "weight_bytes"]
+
+
+def test_an_int8_pattern_that_matches_nothing_says_what_names_look_like(tiny_model):
+    with pytest.raises(InvalidArgument, match="matches no Linear; names look like 'layers.0"):
+        quantize(tiny_model, "rtn", 4, group_size=32, int8=["mlp.*"])
+    with pytest.raises(InvalidArgument, match="awq"):
+        quantize(tiny_model, "awq", 4, group_size=32, int8=["layers.0.mlp.*"])
 
 
 # -- bad input -----------------------------------------------------------------------------------

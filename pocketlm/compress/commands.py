@@ -43,6 +43,10 @@ def register(subparsers) -> None:
                         "plain min/max")
     p.add_argument("--keep", default="",
                    help="comma-separated parts to keep in float: embeddings,lm_head")
+    p.add_argument("--int8", default="", metavar="PATTERNS",
+                   help="comma-separated Linears to store at int8 per channel instead of --bits "
+                        "(a mixed-precision model), as shell patterns over names like "
+                        "layers.3.mlp.down_proj: e.g. 'layers.[0-2].mlp.*,layers.29.mlp.*'")
     g = p.add_argument_group("calibration (gptq, awq)")
     g.add_argument("--calibration", default=None,
                    help="plain-text file (default: WikiText-2 validation split in ../shared/data)")
@@ -55,6 +59,12 @@ def register(subparsers) -> None:
                             "grids fixed up front (default)")
     order.add_argument("--no-act-order", dest="act_order", action="store_false",
                        help="gptq: quantize columns left to right")
+    seq = g.add_mutually_exclusive_group()
+    seq.add_argument("--sequential", dest="sequential", action="store_true", default=None,
+                     help="gptq: within each block, take each Linear's Hessian from the block "
+                          "with the Linears before it already quantized (default)")
+    seq.add_argument("--no-sequential", dest="sequential", action="store_false",
+                     help="gptq: take every Linear's Hessian from the float block at once")
     g.add_argument("--damp", type=float, default=0.01,
                    help="gptq: Hessian damping, as a fraction of its mean diagonal (0.01)")
     t = p.add_argument_group(
@@ -93,6 +103,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     from pocketlm.compress.tune import check_tune_settings
 
     keep = tuple(k.strip() for k in a.keep.split(",") if k.strip())
+    int8 = tuple(k.strip() for k in a.int8.split(",") if k.strip())
     group = a.group_size if a.group_size is not None else (0 if a.bits == 8 else 128)
     check_settings(a.method, a.bits, group, keep)  # fail before the slow load
     check_tune_settings(a.tune_steps, a.tune_lr, a.tune_batch, a.tune_samples)
@@ -104,7 +115,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
                      a.seq_len, a.seed, a.act_order, a.damp, a.clip,
                      checkpoint_dir=str(checkpoint), tune_steps=a.tune_steps,
                      tune_lr=a.tune_lr, tune_batch=a.tune_batch, tune_norms=a.tune_norms,
-                     tune_samples=a.tune_samples)
+                     tune_samples=a.tune_samples, int8=int8, sequential=a.sequential)
     except KeyboardInterrupt:
         if checkpoint.is_dir():
             print(f"finished work (layers, tuning steps) is saved in {checkpoint}; run the same "

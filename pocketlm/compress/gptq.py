@@ -122,12 +122,15 @@ class Layerwise:
 
     @torch.inference_mode()
     def run(self, block: nn.Module, update: bool = True) -> None:
-        outs = []
-        for i in range(0, self.hidden.shape[0], self.micro):
-            x = self.hidden[i: i + self.micro]
-            outs.append(block(x, self.cos, self.sin, self.mask, None, None))
+        outs = [self.forward(block, x) for x in self.micro_batches()]
         if update:
             self.hidden = torch.cat(outs)
+
+    def micro_batches(self) -> list[torch.Tensor]:
+        return [self.hidden[i: i + self.micro] for i in range(0, self.hidden.shape[0], self.micro)]
+
+    def forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return block(x, self.cos, self.sin, self.mask, None, None)
 
     def save(self, i: int, block: nn.Module) -> None:
         if not self.dir:
@@ -144,7 +147,7 @@ class Layerwise:
         tmp.write_text(json.dumps({"key": self.key, "blocks_done": i + 1}))
         os.replace(tmp, self.dir / "progress.json")
 
-    def resume(self, specs: dict) -> int:
+    def resume(self, grid: Grid | dict[str, Grid]) -> int:
         """Load finished blocks from the checkpoint; the number of blocks already done."""
         if not self.dir or not (self.dir / "progress.json").is_file():
             return 0
@@ -159,7 +162,8 @@ class Layerwise:
             block = self.network.layers[i]
             for name in LINEARS:
                 lin = block.get_submodule(name)
-                _set(block, name, _empty_qlinear(lin, specs))
+                g = grid[f"layers.{i}.{name}"] if isinstance(grid, dict) else grid
+                _set(block, name, _empty_qlinear(lin, g))
             block.load_state_dict(load_file(str(self.dir / f"block{i}.safetensors")))
         self.hidden = load_file(str(self.dir / "hidden.safetensors"))["hidden"]
         log.info("resuming from %s: %d blocks already done", self.dir, done)
@@ -183,40 +187,67 @@ def progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="layer", disable=not enabled)
 
 
-def gptq_network(network, batch: torch.Tensor, grid: Grid, act_order: bool = False,
-                 damp: float = 0.01, checkpoint_dir=None, progress: bool = True,
-                 sink_weight: float | None = None, sink_names: tuple[str, ...] = SINK_LINEARS
-                 ) -> dict:
+# The Linears of a block in the order their inputs become known: each group's inputs are
+# computed by the groups before it, so with ``sequential`` they are taken from the block with
+# those groups already quantized.
+STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+          ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def gptq_network(network, batch: torch.Tensor, grid: Grid | dict[str, Grid],
+                 act_order: bool = False, damp: float = 0.01, checkpoint_dir=None,
+                 progress: bool = True,
+                 sink_weight: float | None = None, sink_names: tuple[str, ...] = SINK_LINEARS,
+                 sequential: bool = False) -> dict:
     """GPTQ every decoder-block Linear of ``network`` in place; returns summary figures.
+
+    ``grid`` is one grid for every Linear, or a grid per Linear name ("layers.3.mlp.up_proj").
 
     ``sink_weight`` (default: the window length) is how much the first token of each
     calibration window counts in the Hessians of ``sink_names`` (see ``_collect_hessians``).
+    ``sequential``: quantize a block's Linears stage by stage (``STAGES``), each stage's
+    Hessians taken from the block with the earlier stages already quantized (so o_proj sees
+    the outputs of the quantized q/k/v, down_proj those of the quantized gate/up), rather
+    than all from one pass of the float block.
     """
     if sink_weight is None:
         sink_weight = float(batch.shape[1])
-    key = {"method": "gptq", **grid.spec(), "clip": grid.clip, "act_order": act_order, "damp": damp,
+    grids = grid if isinstance(grid, dict) else None
+    grid_key = ({n: {**g.spec(), "clip": g.clip} for n, g in sorted(grids.items())} if grids
+                else {**grid.spec(), "clip": grid.clip})
+    key = {"method": "gptq", "grid": grid_key, "act_order": act_order, "damp": damp,
            "sink_weight": sink_weight, "sink_names": list(sink_names),
            "batch": hashlib.sha256(batch.numpy().tobytes()).hexdigest()}
+    if sequential:
+        key.update(sequential=True)
     walk = Layerwise(network, batch, key, checkpoint_dir)
     start = walk.resume(grid)
+    stages = STAGES if sequential else (LINEARS,)
     with progress_bar(len(network.layers), "gptq", progress) as bar:
         bar.update(start)
         for i in range(start, len(network.layers)):
             block = network.layers[i]
-            hessians = _collect_hessians(block, walk, sink_weight, sink_names)
-            for name in LINEARS:
-                lin = block.get_submodule(name)
-                q = gptq_quantize(lin.weight.data, hessians[name], grid, act_order, damp)
-                _set(block, name, to_module(q))
+            for names in stages:
+                hessians = _collect_hessians(block, walk, names, sink_weight, sink_names)
+                for name in names:
+                    lin = block.get_submodule(name)
+                    g = grids[f"layers.{i}.{name}"] if grids else grid
+                    q = gptq_quantize(lin.weight.data, hessians[name], g, act_order, damp)
+                    _set(block, name, to_module(q))
             walk.run(block)
             walk.save(i, block)
             bar.update(1)
     return {"layers": len(network.layers)}
 
 
-def _collect_hessians(block: nn.Module, walk: Layerwise, sink_weight: float = 1.0,
+class _StageDone(Exception):
+    """Raised by a hook once the last Linear of a stage has seen its input."""
+
+
+def _collect_hessians(block: nn.Module, walk: Layerwise, names=LINEARS, sink_weight: float = 1.0,
                       sink_names: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """2 X^T X / n for the input X of every Linear in ``block``, from one float pass.
+    """2 X^T X / n for the input X of every Linear of ``names`` in ``block``, from one pass
+    over the walk's hidden states (stopped once the last of them has its input).
 
     For the Linears in ``sink_names`` the first token of each window counts ``sink_weight``
     times: that token is the attention sink, which most queries attend to, so an error in its
@@ -226,21 +257,28 @@ def _collect_hessians(block: nn.Module, walk: Layerwise, sink_weight: float = 1.
     """
     hs: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
-    hooks = []
-    for name in LINEARS:
-        def hook(mod, args, _out, name=name):
-            x = args[0].float()  # (B, L, K)
-            if name in sink_names and sink_weight != 1.0:
-                x = x.clone()
-                x[:, 0] *= sink_weight ** 0.5
-            x = x.reshape(-1, x.shape[-1])
-            h = (x.T @ x).double()
-            hs[name] = hs.get(name, 0) + h
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        hooks.append(block.get_submodule(name).register_forward_hook(hook))
+
+    def accumulate(mod, args, _out, name):
+        x = args[0].float()  # (B, L, K)
+        if name in sink_names and sink_weight != 1.0:
+            x = x.clone()
+            x[:, 0] *= sink_weight ** 0.5
+        x = x.reshape(-1, x.shape[-1])
+        hs[name] = hs.get(name, 0) + (x.T @ x).double()
+        counts[name] = counts.get(name, 0) + x.shape[0]
+        if name == names[-1]:  # the last input needed: skip the rest of the block
+            raise _StageDone
+
+    hooks = [block.get_submodule(n).register_forward_hook(
+        lambda m, a, o, n=n: accumulate(m, a, o, n)) for n in names]
     try:
-        walk.run(block, update=False)
+        with torch.inference_mode():
+            for x in walk.micro_batches():
+                try:
+                    walk.forward(block, x)
+                except _StageDone:
+                    pass
     finally:
         for h in hooks:
             h.remove()
-    return {n: (2 * hs[n] / counts[n]).float() for n in LINEARS}
+    return {n: (2 * hs[n] / counts[n]).float() for n in names}

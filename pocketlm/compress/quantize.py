@@ -191,6 +191,21 @@ def check_settings(method: str, bits: int, group_size: int, keep: tuple[str, ...
         raise InvalidArgument(f"--keep takes {', '.join(KEEPABLE)}; got {sorted(unknown)}")
 
 
+def module_grids(names: list[str], grid: Grid, int8: tuple[str, ...] = ()) -> dict[str, Grid]:
+    """The grid of each Linear in ``names``: ``grid``, or int8 per channel (same symmetry) for
+    those matching a pattern of ``int8`` (shell-style: "layers.0.mlp.*", "layers.*.mlp.down_proj",
+    "layers.2[5-9].mlp.*"). Raises InvalidArgument for a pattern that matches no Linear."""
+    import fnmatch
+
+    high = Grid(8, 0, grid.sym, grid.clip)
+    for pattern in int8:
+        if not fnmatch.filter(names, pattern):
+            raise InvalidArgument(
+                f"--int8 pattern {pattern!r} matches no Linear; names look like {names[0]!r} "
+                f"... {names[-1]!r} (use * and [0-4] as in shell patterns)")
+    return {n: high if any(fnmatch.fnmatchcase(n, p) for p in int8) else grid for n in names}
+
+
 def linear_names(network) -> list[str]:
     return [f"layers.{i}.{n}" for i in range(len(network.layers)) for n in LINEARS]
 
@@ -201,7 +216,9 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
              seed: int = 0, act_order: bool | None = None, damp: float = 0.01,
              clip: bool = False, checkpoint_dir: str | None = None, progress: bool = True,
              tune_steps: int = 0, tune_lr: float = 2e-3, tune_batch: int = 1,
-             tune_norms: bool = False, tune_samples: int | None = None):
+             tune_norms: bool = False, tune_samples: int | None = None,
+             sequential: bool | None = None,
+             int8: tuple[str, ...] | list[str] = ()):
     """A quantized copy of ``model`` (a ``pocketlm.Model``); the original is left as it was.
 
     ``group_size`` None means per-channel for 8 bits and 128 otherwise. ``sym`` and
@@ -216,7 +233,10 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     ``tune_lr``, to match the float model's next-token distribution; codes, zeros and file size
     stay as they are (``pocketlm.compress.tune``). Tuning reads ``tune_samples`` disjoint windows of
     ``seq_len`` tokens of the calibration file (None: all of them; ``calibration_tiles``),
-    not GPTQ's fewer, overlapping ones. Raises InvalidArgument for
+    not GPTQ's fewer, overlapping ones. ``int8`` names Linears to store at int8 per channel
+    (same method) instead, as patterns ("layers.0.mlp.*", see ``module_grids``): a
+    mixed-precision model that spends a few MB on the most sensitive layers. Raises
+    InvalidArgument for
     unsupported settings or calibration data, UnsupportedModel for an already-quantized model.
     """
     from pocketlm.api import Model
@@ -236,7 +256,12 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
         sym = method != "gptq"
     if act_order is None:
         act_order = method == "gptq"
+    if sequential is None:
+        sequential = method == "gptq"
     grid = Grid(bits, group_size, sym, clip)
+    grids = module_grids(linear_names(model.network), grid, tuple(int8))
+    if int8 and method == "awq":
+        raise InvalidArgument("--int8 works with rtn and gptq; awq quantizes every Linear alike")
     network = copy.deepcopy(model.network)
     t0 = time.perf_counter()
     calib_info = None
@@ -247,20 +272,22 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     if method == "rtn":
         for name in linear_names(network):
             lin = network.get_submodule(name)
-            _replace(network, name, to_module(rtn(lin.weight.data, grid)))
+            _replace(network, name, to_module(rtn(lin.weight.data, grids[name])))
         stats = {}
     else:
         if method == "gptq":
             from pocketlm.compress.gptq import gptq_network
 
-            stats = gptq_network(network, batch, grid, act_order=act_order, damp=damp,
-                                 checkpoint_dir=checkpoint_dir, progress=progress)
+            stats = gptq_network(network, batch, grids if int8 else grid, act_order=act_order,
+                                 damp=damp,
+                                 checkpoint_dir=checkpoint_dir, progress=progress,
+                                 sequential=sequential)
         else:
             from pocketlm.compress.awq import awq_network
 
             stats = awq_network(network, batch, grid, checkpoint_dir=checkpoint_dir,
                                 progress=progress)
-    modules = {name: grid.spec() for name in linear_names(network)}
+    modules = {name: g.spec() for name, g in grids.items()}
     modules.update(_quantize_head(network, keep))
     if tune_steps:  # on the finished network, int8 head included, against the float original
         from pocketlm.compress.calibration import calibration_tiles
@@ -277,8 +304,11 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
                "group_size": group_size, "sym": sym, "keep": list(keep), "modules": modules}
     if method == "gptq":
         qconfig.update(act_order=act_order, damp=damp)
+        qconfig.update(sequential=sequential)
     if clip:
         qconfig.update(clip=True)
+    if int8:
+        qconfig.update(int8=list(int8))
     network.quantization_config = qconfig
     card = copy.deepcopy(model.card)
     settings = {k: v for k, v in qconfig.items() if k not in ("modules", "quant_method", "format")}
