@@ -64,31 +64,30 @@ from pocketlm.compress.qlinear import backend
 PEER_BIN = REPO / ".peer" / "build" / "bin"
 TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 CONFIGS = {  # name -> quantize() settings; None = quantize()'s default for the method
-    "int4_gptq_g128": {"method": "gptq", "bits": 4, "group_size": 128,  # asym, act-order
-                       "sequential": False},
+    "int4_gptq_g128": {"method": "gptq", "bits": 4, "group_size": 128},  # asym, act-order
     "int4_rtn_g128": {"method": "rtn", "bits": 4, "group_size": 128},  # sym
-    "int3_gptq_g128": {"method": "gptq", "bits": 3, "group_size": 128, "sequential": False},
+    "int3_gptq_g128": {"method": "gptq", "bits": 3, "group_size": 128},
     "int3_rtn_g128": {"method": "rtn", "bits": 3, "group_size": 128},
     "int4_awq_g128": {"method": "awq", "bits": 4, "group_size": 128},
     "int8_rtn": {"method": "rtn", "bits": 8, "group_size": 0},
     "int4_rtn_g128_asym": {"method": "rtn", "bits": 4, "group_size": 128, "sym": False},
-    "int4_gptq_g128_cal64": {"method": "gptq", "bits": 4, "group_size": 128, "samples": 64,
-                             "sequential": False},
+    "int4_gptq_g128_cal64": {"method": "gptq", "bits": 4, "group_size": 128, "samples": 64},
     # GPTQ, then its scales and norm weights tuned toward the float model on every disjoint
     # 512-token window of wiki.valid, 470 of its 521 once (25 min on 2 cores): the best int4.
     "int4_gptq_g128_tuned": {"method": "gptq", "bits": 4, "group_size": 128, "tune_steps": 470,
-                             "tune_norms": True, "sequential": False},
+                             "tune_norms": True},
     # The same, two passes over the 521 windows (50 min on 2 cores; no better on test).
     "int4_gptq_g128_tuned_2pass": {"method": "gptq", "bits": 4, "group_size": 128,
-                                   "tune_steps": 1042, "tune_norms": True, "sequential": False},
-    # The rows above ran before GPTQ went stage by stage through each block (quantize()'s
-    # default since 2026-12-02: each stage's Hessians from the block quantized so far).
-    "int4_gptq_g128_seq": {"method": "gptq", "bits": 4, "group_size": 128},
+                                   "tune_steps": 1042, "tune_norms": True},
+    # GPTQ stage by stage through each block (each stage's Hessians from the block quantized
+    # so far; --sequential), with and without tuning.
+    "int4_gptq_g128_seq": {"method": "gptq", "bits": 4, "group_size": 128, "sequential": True},
     "int4_gptq_g128_seq_tuned": {"method": "gptq", "bits": 4, "group_size": 128,
-                                 "tune_steps": 470, "tune_norms": True},
-    # Mixed precision: the MLPs of the first three and last two blocks (where int4 costs most)
-    # at int8 per channel, every other Linear int4 g128; +6.4 MB.
+                                 "sequential": True, "tune_steps": 470, "tune_norms": True},
+    # Mixed precision (--int8): the MLPs of the first three and last two blocks, where int4
+    # costs most, at int8 per channel; every other Linear int4 g128. +6.4 MB.
     "int4_gptq_g128_int8mlp5_tuned": {"method": "gptq", "bits": 4, "group_size": 128,
+                                      "sequential": True,
                                       "int8": ["layers.[012].mlp.*", "layers.2[89].mlp.*"],
                                       "tune_steps": 470, "tune_norms": True},
 }
@@ -190,6 +189,10 @@ def _grid(r: dict) -> str:
     parts = ["sym" if sym else "asym"]
     if qc.get("act_order"):
         parts.append("act-order")
+    if qc.get("sequential"):
+        parts.append("sequential")
+    if qc.get("int8"):
+        parts.append("int8: " + " ".join(qc["int8"]))
     return ", ".join(parts)
 
 
@@ -360,7 +363,8 @@ def section(fig: dict) -> None:
         f"{s['threads']} thread(s). Every quantized model is measured after save + load. "
         "GPTQ runs with quantize()'s defaults (asymmetric grid, activation order with static "
         "groups, damping 0.01, the first token of each calibration window counted L times in "
-        "the k_proj/v_proj Hessians); RTN and AWQ use the symmetric grid.\n\n" + report(fig))
+        "the k_proj/v_proj Hessians; \"sequential\": each block's Linears stage by stage, "
+        "--sequential); RTN and AWQ use the symmetric grid.\n\n" + report(fig))
 
 
 if __name__ == "__main__":

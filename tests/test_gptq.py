@@ -104,10 +104,10 @@ def test_cli_flags_override_the_gptq_defaults(tiny_model, tmp_path, monkeypatch)
 
     ap = argparse.ArgumentParser()
     commands.register(ap.add_subparsers())
-    for argv, want in [([], (None, None, False, None, ())),
-                       (["--sym", "--no-act-order", "--clip", "--no-sequential", "--int8",
+    for argv, want in [([], (None, None, False, False, ())),
+                       (["--sym", "--no-act-order", "--clip", "--sequential", "--int8",
                          "layers.0.mlp.*, layers.29.mlp.down_proj"],
-                        (True, False, True, False, ("layers.0.mlp.*", "layers.29.mlp.down_proj")))]:
+                        (True, False, True, True, ("layers.0.mlp.*", "layers.29.mlp.down_proj")))]:
         a = ap.parse_args(["quantize", "m", "--method", "gptq", "--bits", "4", "-o",
                            str(tmp_path / "o"), *argv])
         with pytest.raises(SystemExit):

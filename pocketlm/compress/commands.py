@@ -59,12 +59,9 @@ def register(subparsers) -> None:
                             "grids fixed up front (default)")
     order.add_argument("--no-act-order", dest="act_order", action="store_false",
                        help="gptq: quantize columns left to right")
-    seq = g.add_mutually_exclusive_group()
-    seq.add_argument("--sequential", dest="sequential", action="store_true", default=None,
-                     help="gptq: within each block, take each Linear's Hessian from the block "
-                          "with the Linears before it already quantized (default)")
-    seq.add_argument("--no-sequential", dest="sequential", action="store_false",
-                     help="gptq: take every Linear's Hessian from the float block at once")
+    g.add_argument("--sequential", action="store_true",
+                   help="gptq: within each block, take each Linear's Hessian from the block with "
+                        "the Linears before it already quantized, not all from the float block")
     g.add_argument("--damp", type=float, default=0.01,
                    help="gptq: Hessian damping, as a fraction of its mean diagonal (0.01)")
     t = p.add_argument_group(

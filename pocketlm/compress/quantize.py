@@ -217,7 +217,7 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
              clip: bool = False, checkpoint_dir: str | None = None, progress: bool = True,
              tune_steps: int = 0, tune_lr: float = 2e-3, tune_batch: int = 1,
              tune_norms: bool = False, tune_samples: int | None = None,
-             sequential: bool | None = None,
+             sequential: bool = False,
              int8: tuple[str, ...] | list[str] = ()):
     """A quantized copy of ``model`` (a ``pocketlm.Model``); the original is left as it was.
 
@@ -233,7 +233,9 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     ``tune_lr``, to match the float model's next-token distribution; codes, zeros and file size
     stay as they are (``pocketlm.compress.tune``). Tuning reads ``tune_samples`` disjoint windows of
     ``seq_len`` tokens of the calibration file (None: all of them; ``calibration_tiles``),
-    not GPTQ's fewer, overlapping ones. ``int8`` names Linears to store at int8 per channel
+    not GPTQ's fewer, overlapping ones. ``sequential``: GPTQ takes each block's Linears stage
+    by stage, each stage's Hessians from the block quantized so far (``gptq_network``).
+    ``int8`` names Linears to store at int8 per channel
     (same method) instead, as patterns ("layers.0.mlp.*", see ``module_grids``): a
     mixed-precision model that spends a few MB on the most sensitive layers. Raises
     InvalidArgument for
@@ -256,8 +258,6 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
         sym = method != "gptq"
     if act_order is None:
         act_order = method == "gptq"
-    if sequential is None:
-        sequential = method == "gptq"
     grid = Grid(bits, group_size, sym, clip)
     grids = module_grids(linear_names(model.network), grid, tuple(int8))
     if int8 and method == "awq":
