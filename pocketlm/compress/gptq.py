@@ -162,12 +162,16 @@ class Layerwise:
             block = self.network.layers[i]
             for name in LINEARS:
                 lin = block.get_submodule(name)
-                g = grid[f"layers.{i}.{name}"] if isinstance(grid, dict) else grid
-                _set(block, name, _empty_qlinear(lin, g))
+                _set(block, name, _empty_qlinear(lin, grid_of(grid, f"layers.{i}.{name}")))
             block.load_state_dict(load_file(str(self.dir / f"block{i}.safetensors")))
         self.hidden = load_file(str(self.dir / "hidden.safetensors"))["hidden"]
         log.info("resuming from %s: %d blocks already done", self.dir, done)
         return done
+
+
+def grid_of(grid: Grid | dict[str, Grid], name: str) -> Grid:
+    """The grid of Linear ``name``: ``grid`` itself, or its entry when it is a grid per name."""
+    return grid[name] if isinstance(grid, dict) else grid
 
 
 def _empty_qlinear(lin: nn.Linear, grid: Grid) -> nn.Module:
@@ -196,9 +200,8 @@ STAGES = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_a
 
 def gptq_network(network, batch: torch.Tensor, grid: Grid | dict[str, Grid],
                  act_order: bool = False, damp: float = 0.01, checkpoint_dir=None,
-                 progress: bool = True,
-                 sink_weight: float | None = None, sink_names: tuple[str, ...] = SINK_LINEARS,
-                 sequential: bool = False) -> dict:
+                 progress: bool = True, sink_weight: float | None = None,
+                 sink_names: tuple[str, ...] = SINK_LINEARS, sequential: bool = False) -> dict:
     """GPTQ every decoder-block Linear of ``network`` in place; returns summary figures.
 
     ``grid`` is one grid for every Linear, or a grid per Linear name ("layers.3.mlp.up_proj").
@@ -212,9 +215,8 @@ def gptq_network(network, batch: torch.Tensor, grid: Grid | dict[str, Grid],
     """
     if sink_weight is None:
         sink_weight = float(batch.shape[1])
-    grids = grid if isinstance(grid, dict) else None
-    grid_key = ({n: {**g.spec(), "clip": g.clip} for n, g in sorted(grids.items())} if grids
-                else {**grid.spec(), "clip": grid.clip})
+    grid_key = ({n: {**g.spec(), "clip": g.clip} for n, g in sorted(grid.items())}
+                if isinstance(grid, dict) else {**grid.spec(), "clip": grid.clip})
     key = {"method": "gptq", "grid": grid_key, "act_order": act_order, "damp": damp,
            "sink_weight": sink_weight, "sink_names": list(sink_names),
            "batch": hashlib.sha256(batch.numpy().tobytes()).hexdigest()}
@@ -231,7 +233,7 @@ def gptq_network(network, batch: torch.Tensor, grid: Grid | dict[str, Grid],
                 hessians = _collect_hessians(block, walk, names, sink_weight, sink_names)
                 for name in names:
                     lin = block.get_submodule(name)
-                    g = grids[f"layers.{i}.{name}"] if grids else grid
+                    g = grid_of(grid, f"layers.{i}.{name}")
                     q = gptq_quantize(lin.weight.data, hessians[name], g, act_order, damp)
                     _set(block, name, to_module(q))
             walk.run(block)

@@ -217,8 +217,7 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
              clip: bool = False, checkpoint_dir: str | None = None, progress: bool = True,
              tune_steps: int = 0, tune_lr: float = 2e-3, tune_batch: int = 1,
              tune_norms: bool = False, tune_samples: int | None = None,
-             sequential: bool = False,
-             int8: tuple[str, ...] | list[str] = ()):
+             sequential: bool = False, int8: tuple[str, ...] | list[str] = ()):
     """A quantized copy of ``model`` (a ``pocketlm.Model``); the original is left as it was.
 
     ``group_size`` None means per-channel for 8 bits and 128 otherwise. ``sym`` and
@@ -235,11 +234,10 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     ``seq_len`` tokens of the calibration file (None: all of them; ``calibration_tiles``),
     not GPTQ's fewer, overlapping ones. ``sequential``: GPTQ takes each block's Linears stage
     by stage, each stage's Hessians from the block quantized so far (``gptq_network``).
-    ``int8`` names Linears to store at int8 per channel
-    (same method) instead, as patterns ("layers.0.mlp.*", see ``module_grids``): a
-    mixed-precision model that spends a few MB on the most sensitive layers. Raises
-    InvalidArgument for
-    unsupported settings or calibration data, UnsupportedModel for an already-quantized model.
+    ``int8``: patterns of Linears to store at int8 per channel instead ("layers.0.mlp.*",
+    see ``module_grids``), a mixed-precision model that spends a few MB on the most sensitive
+    layers. Raises InvalidArgument for unsupported settings, calibration data or int8
+    patterns, UnsupportedModel for an already-quantized model.
     """
     from pocketlm.api import Model
 
@@ -279,8 +277,7 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
             from pocketlm.compress.gptq import gptq_network
 
             stats = gptq_network(network, batch, grids if int8 else grid, act_order=act_order,
-                                 damp=damp,
-                                 checkpoint_dir=checkpoint_dir, progress=progress,
+                                 damp=damp, checkpoint_dir=checkpoint_dir, progress=progress,
                                  sequential=sequential)
         else:
             from pocketlm.compress.awq import awq_network
@@ -303,8 +300,7 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     qconfig = {"quant_method": "pocketlm", "format": FORMAT, "method": method, "bits": bits,
                "group_size": group_size, "sym": sym, "keep": list(keep), "modules": modules}
     if method == "gptq":
-        qconfig.update(act_order=act_order, damp=damp)
-        qconfig.update(sequential=sequential)
+        qconfig.update(act_order=act_order, damp=damp, sequential=sequential)
     if clip:
         qconfig.update(clip=True)
     if int8:
