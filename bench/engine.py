@@ -10,7 +10,7 @@ absolute speed on shared machines drifts 30-40% over hours; ratios within one ru
   are timed per token (ours from the engine's stream, transformers' with a streamer).
 - prefill tokens/s: one pass over a 512-token prompt into a fresh KV cache.
 - llama.cpp: `llama-bench -p 512 -n 128 -t THREADS` on F32 and Q8_0/Q4_0 files made by
-  `llama-quantize --allow-requantize` (needs .peer/build, see .peer/build.sh; skipped if absent).
+  `llama-quantize --allow-requantize` (needs .peer/build: `bash bench/build_llama_cpp.sh`; skipped if absent).
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ def hf_prefill(hf, ids: list[int]) -> float:
 def llama_cpp(threads: int, new: int) -> dict:
     bench, quant = PEER_BIN / "llama-bench", PEER_BIN / "llama-quantize"
     if not bench.exists():
-        print("llama.cpp not built (.peer/build.sh); skipping the peer", file=sys.stderr)
+        print("llama.cpp not built (bash bench/build_llama_cpp.sh); skipping the peer", file=sys.stderr)
         return {}
     src = resolve("smollm2-135m-instruct")
     out = {}
