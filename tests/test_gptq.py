@@ -104,7 +104,8 @@ def test_cli_flags_override_the_gptq_defaults(tiny_model, tmp_path, monkeypatch)
 
     ap = argparse.ArgumentParser()
     commands.register(ap.add_subparsers())
-    for argv, want in [([], (None, None, False, False, ())),
+    for argv, want in [([], (None, None, False, True, ())),
+                       (["--no-sequential"], (None, None, False, False, ())),
                        (["--sym", "--no-act-order", "--clip", "--sequential", "--int8",
                          "layers.0.mlp.*, layers.29.mlp.down_proj"],
                         (True, False, True, True, ("layers.0.mlp.*", "layers.29.mlp.down_proj")))]:

@@ -231,7 +231,7 @@ def test_int8_rtn_barely_changes_the_tiny_model(tiny_model):
     assert (got - ref).abs().max() < 0.02 * ref.abs().max()
 
 
-@pytest.mark.parametrize("extra", [{}, {"sequential": True, "int8": ["layers.0.mlp.*"]}])
+@pytest.mark.parametrize("extra", [{"sequential": False}, {"int8": ["layers.0.mlp.*"]}])
 def test_gptq_resumes_from_its_last_finished_layer(tiny_model, tmp_path, calib_file, monkeypatch,
                                                    extra):
     from pocketlm.compress import gptq

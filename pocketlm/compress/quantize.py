@@ -217,7 +217,7 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
              clip: bool = False, checkpoint_dir: str | None = None, progress: bool = True,
              tune_steps: int = 0, tune_lr: float = 2e-3, tune_batch: int = 1,
              tune_norms: bool = False, tune_samples: int | None = None,
-             sequential: bool = False, int8: tuple[str, ...] | list[str] = ()):
+             sequential: bool = True, int8: tuple[str, ...] | list[str] = ()):
     """A quantized copy of ``model`` (a ``pocketlm.Model``); the original is left as it was.
 
     ``group_size`` None means per-channel for 8 bits and 128 otherwise. ``sym`` and
@@ -232,8 +232,9 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     ``tune_lr``, to match the float model's next-token distribution; codes, zeros and file size
     stay as they are (``pocketlm.compress.tune``). Tuning reads ``tune_samples`` disjoint windows of
     ``seq_len`` tokens of the calibration file (None: all of them; ``calibration_tiles``),
-    not GPTQ's fewer, overlapping ones. ``sequential``: GPTQ takes each block's Linears stage
-    by stage, each stage's Hessians from the block quantized so far (``gptq_network``).
+    not GPTQ's fewer, overlapping ones. ``sequential`` (default): GPTQ takes each block's
+    Linears stage by stage, each stage's Hessians from the block quantized so far
+    (``gptq_network``); False takes them all from the float block (faster, slightly worse).
     ``int8``: patterns of Linears to store at int8 per channel instead ("layers.0.mlp.*",
     see ``module_grids``), a mixed-precision model that spends a few MB on the most sensitive
     layers. Raises InvalidArgument for unsupported settings, calibration data or int8
