@@ -2,13 +2,15 @@
 
     .venv/bin/python bench/quant_speed.py [--threads 2] [--rounds 5] [--tokens 128]
 
-Each round runs, back to back: our fp32, int8 (RTN per-channel) and int4 (g128, asymmetric,
-the GPTQ default grid; speed does not depend on how the codes were chosen) decode at batch 1
+Each round runs, back to back: our fp32, int8 (RTN per-channel), int4 (g128, asymmetric,
+the GPTQ default grid; speed does not depend on how the codes were chosen) and the mixed
+int4/int8 model of the compress bench (int4 g128 with the MLPs of blocks 0-2 and 28-29 at int8,
+``--int8 MIXED_INT8``) decode at batch 1
 (``engine.bench.time_decode``: the engine's own decode step, fused when the kernels build),
 then ``llama-bench -n TOKENS -r 1`` on F32, Q8_0 and Q4_0 files requantized from the same GGUF.
 Medians over rounds; the ratios come from the same rounds. Writes the ``speed_race`` key of
 bench/results/compress.json and a dated section in BENCHMARKS.md. Needs .peer/build
-(.peer/build.sh) for the llama.cpp columns; without it, ours only.
+(``bash bench/build_llama_cpp.sh``) for the llama.cpp columns; without it, ours only.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from pocketlm.engine import fused
 from pocketlm.engine.bench import time_decode, weight_bytes
 
 PEER_BIN = REPO / ".peer" / "build" / "bin"
+MIXED_INT8 = ["layers.[012].mlp.*", "layers.2[89].mlp.*"]  # compress.py's int8mlp5 config
+RACE = [("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_0"), ("mixed", None)]  # ours, peer
 
 
 def llama_files() -> dict[str, Path]:
@@ -71,7 +75,8 @@ def main() -> None:
     fp32 = pocketlm.load("smollm2-135m-instruct", threads=a.threads)
     ours = {"fp32": fp32,
             "int8": quantize(fp32, "rtn", 8, progress=False),
-            "int4": quantize(fp32, "rtn", 4, 128, sym=False, progress=False)}
+            "int4": quantize(fp32, "rtn", 4, 128, sym=False, progress=False),
+            "mixed": quantize(fp32, "rtn", 4, 128, sym=False, int8=MIXED_INT8, progress=False)}
     peers = llama_files()
     runs: dict[str, list] = {k: [] for k in list(ours) + [f"llama.cpp {q}" for q in peers]}
     for m in ours.values():
@@ -92,7 +97,7 @@ def main() -> None:
     for k, m in ours.items():
         fig[f"ours_{k}_decode_tokens_per_s"] = med[k]
         fig[f"ours_{k}_weight_bytes"] = weight_bytes(m.network)
-    for ours_k, peer_k in [("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_0")]:
+    for ours_k, peer_k in RACE:
         peer = med.get(f"llama.cpp {peer_k}")
         if peer:
             fig[f"llama_cpp_{peer_k}_decode_tokens_per_s"] = peer
@@ -100,10 +105,10 @@ def main() -> None:
     merge_results("compress", "speed_race", fig)
 
     rows = []
-    for ours_k, peer_k in [("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_0")]:
+    for ours_k, peer_k in RACE:
         peer = med.get(f"llama.cpp {peer_k}")
         rows.append([ours_k, f"{fig[f'ours_{ours_k}_weight_bytes'] / 1e6:.0f}", f"{med[ours_k]:.1f}",
-                     f"{med[ours_k] / med['fp32']:.2f}x", peer_k,
+                     f"{med[ours_k] / med['fp32']:.2f}x", peer_k or "-",
                      f"{peer:.1f}" if peer else "-", f"{med[ours_k] / peer:.2f}x" if peer else "-"])
     table = markdown_table(["ours", "weights MB", "decode tok/s", "vs our fp32", "llama.cpp",
                             "decode tok/s", "ours / llama.cpp"], rows)
@@ -111,7 +116,8 @@ def main() -> None:
     append_section(
         "Quantized decode speed race: pocketlm vs llama.cpp (bench/quant_speed.py)",
         f"{a.threads} threads, batch 1, {a.tokens} new tokens, medians of {a.rounds} rounds, "
-        f"each round ours (fp32, int8 RTN per-channel, int4 g128 asymmetric) then llama-bench "
+        f"each round ours (fp32, int8 RTN per-channel, int4 g128 asymmetric, mixed = int4 g128 "
+        f"with 5 MLPs int8) then llama-bench "
         f"(F32, Q8_0, Q4_0 requantized from the same GGUF). Our decode path: "
         f"{fig['decode_path']}.\n\n{table}\n")
 
