@@ -157,7 +157,8 @@ def llama_cpp(a) -> dict:
     from pocketlm.api import resolve
 
     src = resolve("smollm2-135m-instruct")
-    text = REPO / ".peer" / f"wikitext2-test-first{a.pages}pages.txt"
+    pages = f"first{a.pages}pages" if a.pages else "allpages"
+    text = REPO / ".peer" / f"wikitext2-test-{pages}.txt"
     text.write_text(page_text(a))
     out = {"text_file": str(text), "context": a.context}
     for qtype in a.peer_types.split(","):
