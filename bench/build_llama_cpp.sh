@@ -3,11 +3,12 @@
 # peer the bench scripts (engine.py, compress.py, quant_speed.py) run side by side with ours.
 #
 #     bash bench/build_llama_cpp.sh          # ~10 min on 2 cores; needs cmake, gcc/g++, pip
+#     JOBS=1 nice -n 19 bash bench/build_llama_cpp.sh   # beside a running benchmark
 #
 # There is no internet here, only PyPI, so the sources come from the sdist of
 # llama-cpp-python, which vendors llama.cpp (pin LLAMA_CPP_PYTHON to change the version).
-# CPU only, native flags (this machine's AVX2/FMA, as a user building llama.cpp would), no
-# curl, no server. Nothing of it is part of pocketlm; .peer/ is git-ignored.
+# CPU only, native flags (whatever this CPU has: AVX2/FMA, or AVX-512 and VNNI on newer ones,
+# as a user building llama.cpp would), no curl, no server. Nothing of it is part of pocketlm; .peer/ is git-ignored.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 version="${LLAMA_CPP_PYTHON:-0.3.36}"

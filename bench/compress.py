@@ -84,8 +84,7 @@ CONFIGS = {  # name -> quantize() settings; None = quantize()'s default for the 
                                    "tune_steps": 1042, "tune_norms": True,
                                    "sequential": False},
     # GPTQ stage by stage through each block (each stage's Hessians from the block quantized
-    # so far; --sequential, quantize()'s default since these rows), with and without tuning:
-    # the best pure int4.
+    # so far; quantize()'s default), with and without tuning: the best pure int4.
     "int4_gptq_g128_seq": {"method": "gptq", "bits": 4, "group_size": 128, "sequential": True},
     "int4_gptq_g128_seq_tuned": {"method": "gptq", "bits": 4, "group_size": 128,
                                  "sequential": True, "tune_steps": 470, "tune_norms": True},

@@ -231,7 +231,7 @@ def test_int8_rtn_barely_changes_the_tiny_model(tiny_model):
     assert (got - ref).abs().max() < 0.02 * ref.abs().max()
 
 
-@pytest.mark.parametrize("extra", [{"sequential": False}, {"int8": ["layers.0.mlp.*"]}])
+@pytest.mark.parametrize("extra", [{}, {"int8": ["layers.0.mlp.*"]}, {"sequential": False}])
 def test_gptq_resumes_from_its_last_finished_layer(tiny_model, tmp_path, calib_file, monkeypatch,
                                                    extra):
     from pocketlm.compress import gptq
@@ -263,7 +263,7 @@ def test_int8_patterns_make_a_mixed_precision_model_that_loads_bit_identical(
     kw = {"group_size": 32, "calibration": calib_file, "samples": 4, "seq_len": 32,
           "progress": False}
     plain = quantize(tiny_model, "gptq", 4, **kw)
-    mixed = quantize(tiny_model, "gptq", 4, int8=["layers.0.mlp.*"], sequential=True, **kw)
+    mixed = quantize(tiny_model, "gptq", 4, int8=["layers.0.mlp.*"], **kw)
     net = mixed.network
     assert [net.layers[0].mlp.get_submodule(n).bits for n in ("gate_proj", "up_proj",
                                                                 "down_proj")] == [8, 8, 8]
