@@ -157,6 +157,58 @@ def act_round(x: torch.Tensor, kp: int) -> torch.Tensor:
     return (torch.round(xb * inv) * d).reshape(*x.shape[:-1], kp)[..., :k]
 
 
+def test_vnni_is_compiled_in_only_where_the_cpu_has_it(monkeypatch):
+    from pocketlm.kernels import BASE_FLAGS, compile_flags
+
+    avx2 = {"avx2", "fma", "f16c"}
+    monkeypatch.delenv("POCKETLM_NO_VNNI", raising=False)
+    assert compile_flags(avx2) == BASE_FLAGS
+    assert compile_flags(avx2 | {"avx512_vnni"}) == BASE_FLAGS  # VNNI on 256 bits needs VL
+    assert compile_flags(avx2 | {"avx512_vnni", "avx512vl"})[-2:] == ["-mavx512vnni",
+                                                                      "-mavx512vl"]
+    assert compile_flags(avx2 | {"avx_vnni"})[-1] == "-mavxvnni"
+    monkeypatch.setenv("POCKETLM_NO_VNNI", "1")
+    assert compile_flags(avx2 | {"avx512_vnni", "avx512vl"}) == BASE_FLAGS
+
+
+VNNI_CHECK = """
+import torch
+from pocketlm.compress import qlinear
+from pocketlm.compress.quantize import Grid, rtn, to_module
+torch.manual_seed(0)
+out = {}
+for bits in (4, 3):
+    lin = to_module(rtn(torch.randn(70, 600), Grid(bits, 128, False)))
+    out[bits] = lin(torch.randn(3, 600))
+print(qlinear.backend())
+torch.save(out, "OUT")
+"""
+
+
+def test_vnni_and_plain_avx2_builds_give_identical_products(tmp_path):
+    """Where the CPU has VNNI, the kernel built without it (POCKETLM_NO_VNNI=1) gives the
+    same int4/int3 products bit for bit: the integer sums are the same numbers."""
+    import os
+    import subprocess
+    import sys
+
+    from pocketlm.kernels import BASE_FLAGS, compile_flags
+
+    if qlinear.kernel() is None or len(compile_flags()) == len(BASE_FLAGS):
+        pytest.skip("no VNNI on this CPU (or no compiled kernel): only one path to test")
+    got = {}
+    for name, env in (("vnni", {}), ("avx2", {"POCKETLM_NO_VNNI": "1"})):
+        out = tmp_path / f"{name}.pt"
+        r = subprocess.run([sys.executable, "-c", VNNI_CHECK.replace("OUT", str(out))],
+                           env={**os.environ, **env}, capture_output=True, text=True,
+                           check=False)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split()[-1] == ("avx2+vnni" if name == "vnni" else "avx2")
+        got[name] = torch.load(out)
+    for bits in (4, 3):
+        assert torch.equal(got["vnni"][bits], got["avx2"][bits])
+
+
 def test_fallback_is_used_and_named_when_the_kernel_is_off(monkeypatch):
     torch.manual_seed(0)
     lin = to_module(rtn(torch.randn(24, 96), Grid(4, 32, True)))

@@ -12,7 +12,7 @@ point, so padded columns dequantize to exactly 0. On disk (model.safetensors), p
 - ``NAME.zeros`` uint8 (N, G), asymmetric only (symmetric zero point is 2^(bits-1)).
 
 Decode-sized inputs (at most ``GEMV_MAX_ROWS`` rows) go through the AVX2 kernel in
-``kernels/qgemv.cpp``: activations are rounded to int8 with one scale per block of 32 columns
+``kernels/qgemv.cpp`` (VNNI dot products where the CPU has them): activations are rounded to int8 with one scale per block of 32 columns
 (as llama.cpp does for its quantized dot products; ~0.5% relative error on a product) and
 multiplied with the codes in integer arithmetic. Longer inputs (prefill, evaluation)
 dequantize the weight once and use a float matmul on unrounded activations. Without the
@@ -108,8 +108,13 @@ def kernel():
 
 
 def backend() -> str:
-    """'avx2' when the compiled kernel is in use, else 'fallback' (dequantize, then matmul)."""
-    return "avx2" if kernel() is not None else "fallback"
+    """'avx2' or 'avx2+vnni' (``kernels.isa``) when the compiled kernel is in use, else
+    'fallback' (dequantize, then matmul)."""
+    if kernel() is None:
+        return "fallback"
+    from pocketlm.kernels import isa
+
+    return isa()
 
 
 def qmatmul(x: torch.Tensor, qw: QuantizedTensor) -> torch.Tensor:

@@ -8,8 +8,9 @@
 
 ``build()`` JIT-compiles them through ``torch.utils.cpp_extension.load`` into
 ``$POCKETLM_HOME/kernels`` (default ``~/.cache/pocketlm/kernels``) with -O3 -mavx2 -mfma
--mf16c -fopenmp; later processes reuse the cached build. The extension's name carries a hash
-of the sources (header included), so an edited kernel is never served stale. It returns None (and callers use the
+-mf16c -fopenmp, plus VNNI where the CPU has it (``compile_flags``); later processes reuse the
+cached build. The extension's name carries a hash of the sources (header included) and the
+flags, so an edited kernel or another CPU's build is never served stale. It returns None (and callers use the
 pure-PyTorch fallback) when the CPU lacks AVX2/FMA/F16C, when POCKETLM_NO_KERNEL=1, or when
 compilation fails; the reason is logged once.
 """
@@ -29,22 +30,48 @@ SOURCES = [HERE / "qgemv.cpp", HERE / "decode.cpp", HERE / "attention.cpp",
 HEADERS = [HERE / "kernels.h"]
 
 
-def _name() -> str:
-    digest = hashlib.sha256()
+BASE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+
+
+def _name(flags: list[str]) -> str:
+    digest = hashlib.sha256(" ".join(flags).encode())
     for p in SOURCES + HEADERS:
         digest.update(p.read_bytes())
     return f"pocketlm_kernels_{digest.hexdigest()[:12]}"
 
 
-def _cpu_ok() -> bool:
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
     try:
-        flags = next(
+        return set(next(
             line for line in Path("/proc/cpuinfo").read_text().splitlines()
             if line.startswith("flags")
-        ).split()
+        ).split())
     except (OSError, StopIteration):
-        return False
-    return all(f in flags for f in ("avx2", "fma", "f16c"))
+        return set()
+
+
+def _cpu_ok() -> bool:
+    return {"avx2", "fma", "f16c"} <= cpu_flags()
+
+
+def compile_flags(flags: set[str] | None = None) -> list[str]:
+    """g++ flags for this CPU: AVX2/FMA/F16C, plus VNNI (one instruction for the int4/int3
+    dot products, ``dot_u8s8`` in kernels.h) where the CPU has AVX512-VNNI with VL, or
+    AVX-VNNI. POCKETLM_NO_VNNI=1 leaves VNNI out (to compare the two paths)."""
+    flags = cpu_flags() if flags is None else flags
+    extra = []
+    if not os.environ.get("POCKETLM_NO_VNNI"):
+        if {"avx512_vnni", "avx512vl"} <= flags:
+            extra = ["-mavx512vnni", "-mavx512vl"]
+        elif "avx_vnni" in flags:
+            extra = ["-mavxvnni"]
+    return BASE_FLAGS + extra
+
+
+def isa() -> str:
+    """'avx2+vnni' or 'avx2': the instruction set the kernels are built for on this CPU."""
+    return "avx2+vnni" if len(compile_flags()) > len(BASE_FLAGS) else "avx2"
 
 
 def build_dir() -> Path:
@@ -62,14 +89,15 @@ def build():
     try:
         from torch.utils.cpp_extension import load
 
-        name = _name()
+        flags = compile_flags()
+        name = _name(flags)
         d = build_dir() / name  # one folder a version: builds never share a build.ninja
         d.mkdir(parents=True, exist_ok=True)
         return load(
             name=name,
             sources=[str(p) for p in SOURCES],
             build_directory=str(d),
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+            extra_cflags=flags,
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
