@@ -31,6 +31,7 @@ HEADERS = [HERE / "kernels.h"]
 
 
 BASE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
+_BUILT_FLAGS: list[str] | None = None  # the flags of the extension this process loaded
 
 
 def _name(flags: list[str]) -> str:
@@ -70,8 +71,10 @@ def compile_flags(flags: set[str] | None = None) -> list[str]:
 
 
 def isa() -> str:
-    """'avx2+vnni' or 'avx2': the instruction set the kernels are built for on this CPU."""
-    return "avx2+vnni" if len(compile_flags()) > len(BASE_FLAGS) else "avx2"
+    """'avx2+vnni' or 'avx2': the instruction set of the kernels this process loaded (before
+    a build: the one ``build()`` would choose on this CPU)."""
+    flags = _BUILT_FLAGS if _BUILT_FLAGS is not None else compile_flags()
+    return "avx2+vnni" if len(flags) > len(BASE_FLAGS) else "avx2"
 
 
 def build_dir() -> Path:
@@ -93,7 +96,7 @@ def build():
         name = _name(flags)
         d = build_dir() / name  # one folder a version: builds never share a build.ninja
         d.mkdir(parents=True, exist_ok=True)
-        return load(
+        ext = load(
             name=name,
             sources=[str(p) for p in SOURCES],
             build_directory=str(d),
@@ -101,6 +104,9 @@ def build():
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
+        global _BUILT_FLAGS
+        _BUILT_FLAGS = flags
+        return ext
     except Exception as e:  # noqa: BLE001 - compiler missing, headers missing, ...: fall back, loudly
         log.warning("could not build the quantized kernel (%s: %s); using the slow fallback "
                     "(dequantize, then matmul)", type(e).__name__, str(e).splitlines()[0][:200])
