@@ -140,3 +140,29 @@ def test_prompt_longer_than_context_is_refused_or_truncated_on_request(tiny_mode
 def test_empty_prompt_is_refused(tiny_model):
     with pytest.raises(InvalidArgument, match="empty"):
         tiny_model.generate("", max_tokens=4)
+
+
+def test_top_p_filter_on_a_batch_equals_filtering_each_row():
+    from pocketlm.engine.sampling import top_p_filter
+
+    probs = torch.softmax(torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    both = top_p_filter(probs, 0.8)
+    for row, out in zip(probs, both):
+        assert torch.equal(top_p_filter(row, 0.8), out)
+        kept = out > 0
+        # the kept tokens are the most likely ones, and the fewest that reach 0.8 of the mass
+        assert row[kept].min() >= row[~kept].max()
+        assert row[kept].sum() >= 0.8 and row[kept].sum() - row[kept].min() < 0.8
+    assert top_p_filter(probs, 1.0) is probs
+    # A vocabulary past the 1024 tokens it sorts first: sharp rows are decided from those,
+    # flat rows (nucleus > 1024 tokens) from a full sort; both as a full sort decides.
+    g = torch.Generator().manual_seed(1)
+    wide = torch.softmax(torch.randn(6, 5000, generator=g) * torch.tensor([[0.5], [6], [1],
+                                                                          [8], [0.1], [4]]), -1)
+    sorted_probs, order = wide.sort(dim=-1, descending=True)
+    expect = torch.zeros_like(wide).scatter_(
+        -1, order, sorted_probs.masked_fill(sorted_probs.cumsum(-1) - sorted_probs >= 0.9, 0))
+    got = top_p_filter(wide, 0.9)
+    assert torch.equal(got, expect)
+    sizes = (got > 0).sum(-1)
+    assert sizes.max() > 1024 and sizes.min() < 1024

@@ -157,7 +157,10 @@ def test_without_memory_for_the_cache_the_float_model_runs_every_step_same_resul
                                         "learning rate"),
                                        ({"tune_steps": 2, "tune_batch": 0}, "at least 1 window"),
                                        ({"tune_steps": 2, "tune_samples": 0},
-                                        "tune samples must be at least 1")])
+                                        "tune samples must be at least 1"),
+                                       ({"tune_steps": 2, "tune_generated": -1},
+                                        "generated tuning windows must be an integer >= 0"),
+                                       ({"tune_generated": 8}, "set tune steps too")])
 def test_bad_tune_settings_fail_before_any_work(tiny_model, calib_file, bad, match):
     with pytest.raises(InvalidArgument, match=match):
         quantize(tiny_model, calibration=calib_file, **KW, **bad)
@@ -275,3 +278,66 @@ def test_cli_quantize_with_tuning_records_it_on_the_card(made, calib_file, tmp_p
     assert tuned["steps"] == 3 and tuned["norms"] is True
     assert tuned["calibration"]["tiles"].startswith("4 of ")
     assert not (tmp_path / "int4t.partial").exists()  # finished: no checkpoint left behind
+
+
+# -- windows the float model writes itself ---------------------------------------------------
+def test_sampled_windows_begin_with_file_text_and_continue_in_the_models_own_words(
+        made, calib_file):
+    from pocketlm.compress.calibration import sampled_windows
+
+    tiny = made["float"]
+    ids = tiny.tokenizer.encode(Path(calib_file).read_text())
+    w, info = sampled_windows(tiny.network, tiny.tokenizer, calib_file, n=5, seq_len=40,
+                              prefix=6, batch_size=2, progress=False)
+    assert w.shape == (5, 40) and w.dtype == torch.long
+    text = " " + " ".join(map(str, ids)) + " "
+    for row in w.tolist():  # each prompt is 6 consecutive tokens of the file
+        assert " " + " ".join(map(str, row[:6])) + " " in text
+    # The continuations are the model's own samples: not copies of the file, and every token
+    # one the float model gives real probability (nucleus 0.95 drops only the tail).
+    assert not all(" " + " ".join(map(str, row)) + " " in text for row in w.tolist())
+    with torch.inference_mode():
+        logp = torch.log_softmax(tiny.network(w).float(), -1)
+    picked = logp[:, 5:-1].gather(-1, w[:, 6:, None])
+    assert picked.min() > -15
+    assert (info["windows"], info["prefix_tokens"], info["top_p"]) == (5, 6, 0.95)
+    again, _ = sampled_windows(tiny.network, tiny.tokenizer, calib_file, n=5, seq_len=40,
+                               prefix=6, batch_size=2, progress=False)
+    assert torch.equal(w, again)  # seeded
+    other, _ = sampled_windows(tiny.network, tiny.tokenizer, calib_file, n=5, seq_len=40,
+                               prefix=6, batch_size=2, seed=1, progress=False)
+    assert not torch.equal(w, other)
+
+
+def test_interrupted_sampling_resumes_to_the_same_windows(made, calib_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from pocketlm.compress.calibration import sampled_windows
+
+    tiny = made["float"]
+    kw = {"n": 5, "seq_len": 24, "prefix": 4, "batch_size": 2, "progress": False}
+    full, _ = sampled_windows(tiny.network, tiny.tokenizer, calib_file, **kw,
+                              checkpoint_dir=tmp_path)
+    (saved,) = tmp_path.glob("sampled-*.safetensors")
+    assert torch.equal(load_file(str(saved))["windows"], full)
+    save_file({"windows": full[:2].contiguous()}, str(saved))  # as if stopped after one batch
+    resumed, _ = sampled_windows(tiny.network, tiny.tokenizer, calib_file, **kw,
+                                 checkpoint_dir=tmp_path)
+    assert torch.equal(resumed, full)
+
+
+def test_quantize_tunes_on_file_tiles_plus_sampled_windows(made, calib_file, tmp_path, capsys):
+    from pocketlm.cli import main
+
+    made["float"].save(tmp_path / "float")
+    rc = main(["quantize", str(tmp_path / "float"), "--method", "gptq", "--bits", "4",
+               "--group-size", "32", "--calibration", calib_file, "--samples", "6",
+               "--seq-len", "48", "--tune-steps", "6", "--tune-samples", "3",
+               "--tune-generated", "3", "-o", str(tmp_path / "int4g")])
+    assert rc in (0, None)
+    tuned = pocketlm.load(tmp_path / "int4g").card.steps[-1]["settings"]["tune"]
+    assert tuned["steps"] == 6
+    assert tuned["calibration"]["tiles"].startswith("3 of ")
+    assert tuned["calibration"]["sampled"]["windows"] == 3
+    assert tuned["calibration"]["sampled"]["sampled_from"] == "the float model"
+    assert not (tmp_path / "int4g.partial").exists()

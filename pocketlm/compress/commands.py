@@ -91,6 +91,10 @@ def register(subparsers) -> None:
     t.add_argument("--tune-samples", type=int, default=None,
                    help="disjoint windows of --seq-len tokens of the calibration file to tune "
                         "on (default: all of them; WikiText-2 validation holds 521)")
+    t.add_argument("--tune-generated", type=int, default=0, metavar="N",
+                   help="also tune on N windows the float model writes itself, each begun with "
+                        "32 tokens of the calibration file (more text than the file holds; "
+                        "~14 min for 384 on 2 cores); add N to --tune-steps to read them all")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: $POCKETLM_THREADS or all cores)")
     p.set_defaults(func=cmd_quantize)
@@ -108,7 +112,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     int8 = tuple(k.strip() for k in a.int8.split(",") if k.strip())
     group = a.group_size if a.group_size is not None else (0 if a.bits == 8 else 128)
     check_settings(a.method, a.bits, group, keep)  # fail before the slow load
-    check_tune_settings(a.tune_steps, a.tune_lr, a.tune_batch, a.tune_samples)
+    check_tune_settings(a.tune_steps, a.tune_lr, a.tune_batch, a.tune_samples, a.tune_generated)
     out = Path(a.output)
     model = load(a.model, threads=a.threads)
     checkpoint = out.parent / (out.name + ".partial")
@@ -117,7 +121,8 @@ def cmd_quantize(a: argparse.Namespace) -> None:
                      a.seq_len, a.seed, a.act_order, a.damp, a.clip,
                      checkpoint_dir=str(checkpoint), tune_steps=a.tune_steps,
                      tune_lr=a.tune_lr, tune_batch=a.tune_batch, tune_norms=a.tune_norms,
-                     tune_samples=a.tune_samples, int8=int8, sequential=a.sequential)
+                     tune_samples=a.tune_samples, tune_generated=a.tune_generated, int8=int8,
+                     sequential=a.sequential)
     except KeyboardInterrupt:
         if checkpoint.is_dir():
             print(f"finished work (layers, tuning steps) is saved in {checkpoint}; run the same "

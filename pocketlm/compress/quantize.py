@@ -217,7 +217,8 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
              clip: bool = False, checkpoint_dir: str | None = None, progress: bool = True,
              tune_steps: int = 0, tune_lr: float = 2e-3, tune_batch: int = 1,
              tune_norms: bool = False, tune_samples: int | None = None,
-             sequential: bool = True, int8: tuple[str, ...] | list[str] = ()):
+             tune_generated: int = 0, sequential: bool = True,
+             int8: tuple[str, ...] | list[str] = ()):
     """A quantized copy of ``model`` (a ``pocketlm.Model``); the original is left as it was.
 
     ``group_size`` None means per-channel for 8 bits and 128 otherwise. ``sym`` and
@@ -232,7 +233,9 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     ``tune_lr``, to match the float model's next-token distribution; codes, zeros and file size
     stay as they are (``pocketlm.compress.tune``). Tuning reads ``tune_samples`` disjoint windows of
     ``seq_len`` tokens of the calibration file (None: all of them; ``calibration_tiles``),
-    not GPTQ's fewer, overlapping ones. ``sequential`` (default): GPTQ takes each block's
+    not GPTQ's fewer, overlapping ones, plus ``tune_generated`` windows the float model writes
+    itself from short prompts of that file (``sampled_windows``): more text to tune on than the
+    file holds. ``sequential`` (default): GPTQ takes each block's
     Linears stage by stage, each stage's Hessians from the block quantized so far
     (``gptq_network``); False takes them all from the float block (faster, slightly worse).
     ``int8``: patterns of Linears to store at int8 per channel instead ("layers.0.mlp.*",
@@ -248,7 +251,7 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     check_settings(method, bits, group_size, keep)
     from pocketlm.compress.tune import check_tune_settings, tune_scales
 
-    check_tune_settings(tune_steps, tune_lr, tune_batch, tune_samples)
+    check_tune_settings(tune_steps, tune_lr, tune_batch, tune_samples, tune_generated)
     if getattr(model.network, "quantization_config", None):
         raise UnsupportedModel(
             "this model is already quantized; quantize the float original instead (load the "
@@ -292,6 +295,13 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
 
         tiles, tiles_info = calibration_tiles(model.tokenizer, calibration, seq_len,
                                               tune_samples, seed)
+        if tune_generated:
+            from pocketlm.compress.calibration import sampled_windows
+
+            sampled, tiles_info["sampled"] = sampled_windows(
+                model.network, model.tokenizer, calibration, tune_generated, seq_len, seed=seed,
+                progress=progress, checkpoint_dir=checkpoint_dir and Path(checkpoint_dir) / "sampled")
+            tiles = torch.cat([tiles, sampled])
         stats["tune"] = tune_scales(network, model.network, tiles, tune_steps, tune_lr,
                                     tune_batch, tune_norms, seed, progress,
                                     checkpoint_dir=checkpoint_dir and Path(checkpoint_dir) / "tune")

@@ -43,7 +43,7 @@ CHECKPOINT_SECONDS = 120  # how often a run with a checkpoint folder saves its s
 
 
 def check_tune_settings(steps: int, lr: float, batch_windows: int = 1,
-                        samples: int | None = None) -> None:
+                        samples: int | None = None, generated: int = 0) -> None:
     """Raise InvalidArgument for a step count, learning rate, batch or window count that
     cannot train."""
     if not isinstance(steps, int) or steps < 0:
@@ -54,6 +54,12 @@ def check_tune_settings(steps: int, lr: float, batch_windows: int = 1,
     if samples is not None and (not isinstance(samples, int) or samples < 1):
         raise InvalidArgument(f"tune samples must be at least 1 window (or unset: all), got "
                               f"{samples!r}")
+    if not isinstance(generated, int) or generated < 0:
+        raise InvalidArgument(f"generated tuning windows must be an integer >= 0 (0 = none), "
+                              f"got {generated!r}")
+    if generated and not steps:
+        raise InvalidArgument("generated tuning windows are only read by scale tuning; set "
+                              "tune steps too (e.g. --tune-steps 905 --tune-generated 384)")
     if not isinstance(batch_windows, int) or batch_windows < 1:
         raise InvalidArgument(f"tune batch must be at least 1 window, got {batch_windows!r}")
 

@@ -89,9 +89,30 @@ def sample(
     probs = torch.softmax(logits, dim=-1)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        before = sorted_probs.cumsum(0) - sorted_probs  # mass of strictly better tokens
-        sorted_probs = sorted_probs.masked_fill(before >= params.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    probs = top_p_filter(probs, params.top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filter of probabilities (..., V) along the last axis: keep the most likely
+    tokens until their mass reaches ``top_p``, zero the rest (not renormalised; multinomial
+    does not need it). ``top_p`` >= 1 returns ``probs`` as they are."""
+    if top_p >= 1.0:
+        return probs
+    # The nucleus is usually a few hundred tokens: sort only the top 1024 (a full sort of a
+    # 49k vocabulary costs more than the model's decode step), and all of a row's tokens only
+    # where those do not reach top_p.
+    flat = probs.reshape(-1, probs.shape[-1])
+    k = min(1024, flat.shape[-1])
+    top, order = flat.topk(k, dim=-1)
+    out = torch.zeros_like(flat).scatter_(-1, order, _nucleus(top, top_p))
+    short = (top.sum(-1) < top_p).nonzero()[:, 0] if k < flat.shape[-1] else []
+    if len(short):
+        top, order = flat[short].sort(dim=-1, descending=True)
+        out[short] = torch.zeros_like(top).scatter_(-1, order, _nucleus(top, top_p))
+    return out.reshape(probs.shape)
+
+
+def _nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of strictly better tokens
+    return sorted_probs.masked_fill(before >= top_p, 0.0)
