@@ -110,7 +110,7 @@ def sampled_windows(network, tokenizer, path: str | Path | None = None, n: int =
     augmentation of LLM-QAT (Liu et al., 2023): scale tuning, which only asks the quantized
     model to match the float one, can read as much of this text as it needs, where a real
     calibration file runs out (WikiText-2 validation holds 521 windows of 512 tokens).
-    Cost: ~14 min for 384 windows of 512 tokens on 2 cores (batched decoding, ``batch_size``
+    Cost: ~20 min for 384 windows of 512 tokens on 2 cores (batched decoding, ``batch_size``
     sequences at a time). With ``checkpoint_dir`` each finished batch is saved there, and a
     later call with the same settings continues from it; batch b always draws from its own
     generator (seed, b), so an interrupted run ends with the same windows as an uninterrupted one.

@@ -10,7 +10,9 @@ EPILOG = """examples:
   pocketlm quantize smollm2-135m-instruct --method gptq --bits 4 --group-size 128 -o smollm2-int4
   pocketlm quantize smollm2-135m-instruct --method awq --bits 4 --calibration my_domain.txt -o out
   pocketlm quantize smollm2-135m-instruct --method gptq --bits 4 \\
-      --tune-steps 470 --tune-norms -o smollm2-int4t   # best int4 quality, 25-50 min on 2 cores
+      --tune-steps 470 --tune-norms -o smollm2-int4t   # good int4 quality, 25-50 min on 2 cores
+  pocketlm quantize smollm2-135m-instruct --method gptq --bits 4 --tune-norms \\
+      --tune-steps 905 --tune-generated 384 -o smollm2-int4g  # best pure int4, ~85 min
   pocketlm quantize smollm2-135m-instruct --method gptq --bits 4 \\
       --int8 'layers.[012].mlp.*,layers.2[89].mlp.*' \\
       --tune-steps 470 --tune-norms -o smollm2-int4mix # mixed int4/int8: +6.4 MB, best quality
@@ -79,7 +81,8 @@ def register(subparsers) -> None:
         "backward (3-6 s for SmolLM2-135M on 2 cores). Interrupted tuning resumes from its\n"
         "last checkpoint (every 2 minutes).\n"
         "SmolLM2-135M int4 g128, whole WikiText-2 test, word perplexity vs fp32: GPTQ +16.7%,\n"
-        "GPTQ + --tune-steps 470 --tune-norms +8.7% (25-50 min on 2 cores); with five MLPs at\n"
+        "GPTQ + --tune-steps 470 --tune-norms +8.7% (25-50 min on 2 cores); adding\n"
+        "--tune-generated 384 with --tune-steps 905 +7.9% (~85 min); with five MLPs at\n"
         "--int8 (file 16.9% of fp32 instead of 15.7%) +5.9% (BENCHMARKS.md).")
     t.add_argument("--tune-steps", type=int, default=0,
                    help="AdamW steps of scale tuning; 0 = off (default)")
@@ -94,7 +97,7 @@ def register(subparsers) -> None:
     t.add_argument("--tune-generated", type=int, default=0, metavar="N",
                    help="also tune on N windows the float model writes itself, each begun with "
                         "32 tokens of the calibration file (more text than the file holds; "
-                        "~14 min for 384 on 2 cores); add N to --tune-steps to read them all")
+                        "~20 min for 384 on 2 cores); add N to --tune-steps to read them all")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: $POCKETLM_THREADS or all cores)")
     p.set_defaults(func=cmd_quantize)
