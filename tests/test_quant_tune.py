@@ -287,7 +287,7 @@ def test_sampled_windows_begin_with_file_text_and_continue_in_the_models_own_wor
 
     tiny = made["float"]
     ids = tiny.tokenizer.encode(Path(calib_file).read_text())
-    w, info = sampled_windows(tiny.network, tiny.tokenizer, calib_file, n=5, seq_len=40,
+    w, info = sampled_windows(tiny, calib_file, n=5, seq_len=40,
                               prefix=6, batch_size=2, progress=False)
     assert w.shape == (5, 40) and w.dtype == torch.long
     text = " " + " ".join(map(str, ids)) + " "
@@ -301,10 +301,10 @@ def test_sampled_windows_begin_with_file_text_and_continue_in_the_models_own_wor
     picked = logp[:, 5:-1].gather(-1, w[:, 6:, None])
     assert picked.min() > -15
     assert (info["windows"], info["prefix_tokens"], info["top_p"]) == (5, 6, 0.95)
-    again, _ = sampled_windows(tiny.network, tiny.tokenizer, calib_file, n=5, seq_len=40,
+    again, _ = sampled_windows(tiny, calib_file, n=5, seq_len=40,
                                prefix=6, batch_size=2, progress=False)
     assert torch.equal(w, again)  # seeded
-    other, _ = sampled_windows(tiny.network, tiny.tokenizer, calib_file, n=5, seq_len=40,
+    other, _ = sampled_windows(tiny, calib_file, n=5, seq_len=40,
                                prefix=6, batch_size=2, seed=1, progress=False)
     assert not torch.equal(w, other)
 
@@ -316,12 +316,12 @@ def test_interrupted_sampling_resumes_to_the_same_windows(made, calib_file, tmp_
 
     tiny = made["float"]
     kw = {"n": 5, "seq_len": 24, "prefix": 4, "batch_size": 2, "progress": False}
-    full, _ = sampled_windows(tiny.network, tiny.tokenizer, calib_file, **kw,
+    full, _ = sampled_windows(tiny, calib_file, **kw,
                               checkpoint_dir=tmp_path)
     (saved,) = tmp_path.glob("sampled-*.safetensors")
     assert torch.equal(load_file(str(saved))["windows"], full)
     save_file({"windows": full[:2].contiguous()}, str(saved))  # as if stopped after one batch
-    resumed, _ = sampled_windows(tiny.network, tiny.tokenizer, calib_file, **kw,
+    resumed, _ = sampled_windows(tiny, calib_file, **kw,
                                  checkpoint_dir=tmp_path)
     assert torch.equal(resumed, full)
 

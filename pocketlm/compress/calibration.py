@@ -97,12 +97,12 @@ def calibration_tiles(tokenizer, path: str | Path | None = None, seq_len: int = 
     return batch, info
 
 
-def sampled_windows(network, tokenizer, path: str | Path | None = None, n: int = 384,
+def sampled_windows(model, path: str | Path | None = None, n: int = 384,
                     seq_len: int = 512, prefix: int = 32, top_p: float = 0.95, seed: int = 0,
                     batch_size: int = 64, progress: bool = True,
                     checkpoint_dir: str | Path | None = None) -> tuple[torch.Tensor, dict]:
-    """``n`` windows of ``seq_len`` tokens written by the float model itself; LongTensor
-    (n, seq_len) and provenance.
+    """``n`` windows of ``seq_len`` tokens written by the float ``model`` (a ``pocketlm.Model``)
+    itself; LongTensor (n, seq_len) and provenance.
 
     Each window starts with ``prefix`` tokens of the calibration file (seeded random offsets),
     so the model writes in that file's style, and continues with tokens sampled from the
@@ -120,22 +120,24 @@ def sampled_windows(network, tokenizer, path: str | Path | None = None, n: int =
 
     from pocketlm.engine.generate import decode_step
     from pocketlm.engine.sampling import top_p_filter
+    from pocketlm.evaluate.run import fingerprint
     from pocketlm.model.transformer import KVCache
 
     if n < 1 or not 1 <= prefix < seq_len:
         raise InvalidArgument(f"need n >= 1 windows and 1 <= prefix < seq-len, got n={n}, "
                               f"prefix={prefix}, seq-len={seq_len}")
+    network = model.network
     path = Path(path) if path else DEFAULT_CALIBRATION
-    ids = _file_tokens(tokenizer, path, seq_len)
+    ids = _file_tokens(model.tokenizer, path, seq_len)
     starts = torch.randint(0, len(ids) - prefix, (n,),
                            generator=torch.Generator().manual_seed(seed)).tolist()
     info = {"sampled_from": "the float model", "prompts_from": str(path),
             "sha256": file_sha256(path), "windows": n, "seq_len": seq_len,
             "prefix_tokens": prefix, "temperature": 1.0, "top_p": top_p, "seed": seed}
-    key = hashlib.sha256(repr((info, batch_size, [p.detach().float().sum().item() for p in
-                                                   list(network.parameters())[:4]])).encode())
-    saved = Path(checkpoint_dir) / f"sampled-{key.hexdigest()[:16]}.safetensors" \
-        if checkpoint_dir else None
+    saved = None
+    if checkpoint_dir:  # named after everything that decides the windows, the weights included
+        key = hashlib.sha256(repr((info, batch_size, fingerprint(model))).encode()).hexdigest()
+        saved = Path(checkpoint_dir) / f"sampled-{key[:16]}.safetensors"
     done = []
     if saved is not None and saved.is_file():
         from safetensors.torch import load_file

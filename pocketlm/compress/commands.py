@@ -128,7 +128,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
                      sequential=a.sequential)
     except KeyboardInterrupt:
         if checkpoint.is_dir():
-            print(f"finished work (layers, tuning steps) is saved in {checkpoint}; run the same "
+            print(f"finished work (layers, sampled windows, tuning steps) is saved in {checkpoint}; run the same "
                   "command again to resume from there", file=sys.stderr)
         raise
     q.save(out)

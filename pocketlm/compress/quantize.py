@@ -299,7 +299,7 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
             from pocketlm.compress.calibration import sampled_windows
 
             sampled, tiles_info["sampled"] = sampled_windows(
-                model.network, model.tokenizer, calibration, tune_generated, seq_len, seed=seed,
+                model, calibration, tune_generated, seq_len, seed=seed,
                 progress=progress, checkpoint_dir=checkpoint_dir and Path(checkpoint_dir) / "sampled")
             tiles = torch.cat([tiles, sampled])
         stats["tune"] = tune_scales(network, model.network, tiles, tune_steps, tune_lr,
