@@ -183,6 +183,10 @@ def llama_cpp(a) -> dict:
         m = re.search(r"Final estimate: PPL = ([0-9.]+)", r.stdout + r.stderr)
         row = {"file_bytes": os.path.getsize(f),
                "token_perplexity": float(m.group(1)) if m else None}
+        if not m:  # say why, rather than leave a bare None in the table
+            tail = (r.stdout + r.stderr).strip().splitlines()[-1:] or [""]
+            row["error"] = f"llama-perplexity exit status {r.returncode}: {tail[0][-200:]}"
+            print(f"llama.cpp {qtype}: no perplexity ({row['error']})", file=sys.stderr)
         m2 = re.search(r"perplexity over (\d+) chunks, n_ctx=(\d+)", r.stdout + r.stderr)
         if m2:  # llama-perplexity scores the second half of each chunk
             chunks, n_ctx = int(m2.group(1)), int(m2.group(2))
