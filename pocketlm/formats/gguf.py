@@ -1,7 +1,12 @@
-"""Read a GGUF file (llama.cpp's format) into a config, fp32 weights and a tokenizer.
+"""Read a GGUF file (llama.cpp's format) into a config, weights and a tokenizer.
 
-Tensors are read and dequantized with the ``gguf`` package. llama.cpp's converter interleaves
-the rows of Q and K for its RoPE kernel; we undo that so weights are in Hugging Face order.
+``tensor_map`` says which of the file's tensors becomes which of our module's weights, so the
+fp32 reader here (``read_state_dict``, the ``--dtype float32`` path) and the packed-weight
+loader read the same names. Tensors are dequantized with the ``gguf`` package. llama.cpp's
+converter interleaves the rows of LLaMA's Q and K for its RoPE kernel (and only LLaMA's:
+Qwen and Gemma use the "NEOX" RoPE, whose order is Hugging Face's); we undo that so weights
+are in Hugging Face order. Gemma's norm weights are stored as ``1 + w``, the factor our
+RMSNorm multiplies by, so they are read as they are.
 """
 
 from __future__ import annotations
@@ -12,26 +17,41 @@ import numpy as np
 import torch
 
 from pocketlm.errors import FormatError, UnsupportedModel
-from pocketlm.model.config import ModelConfig
+from pocketlm.model.config import SUPPORTED, ModelConfig, rope_inv_freq
 
-# GGUF tensor name -> our (Hugging Face, minus "model.") name; "{}" is the layer index.
+# GGUF tensor name -> our (Hugging Face, minus "model.") module name, per layer.
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
+    "ffn_norm": "post_attention_layernorm",  # LLaMA's pre-MLP norm; Gemma's: see below
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma has a norm after each sublayer too, and Hugging Face names its pre-MLP norm differently.
+_GEMMA_LAYER_NAMES = {
+    **_LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _TOP_NAMES = {
     "token_embd.weight": "embed_tokens.weight",
     "output_norm.weight": "norm.weight",
     "output.weight": "lm_head.weight",
 }
-SUPPORTED_ARCHS = ("llama",)
+SUPPORTED_ARCHS = SUPPORTED
+# Llama 3.x's rope_scaling, recognised from the rope_freqs tensor llama.cpp writes for it.
+_LLAMA3_SCALINGS = [
+    {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 8192}
+    for factor in (32.0, 8.0, 16.0)
+]
 
 
 class GGUFFile:
@@ -74,19 +94,33 @@ class GGUFFile:
 
 
 def read_config(f: GGUFFile) -> ModelConfig:
+    """The model's shape from the file's metadata.
+
+    Raises UnsupportedModel for an architecture or RoPE variant we do not run (naming the
+    supported ones), FormatError when the metadata is incomplete.
+    """
     arch = f.arch
     if arch not in SUPPORTED_ARCHS:
         raise UnsupportedModel(
             f"{f.path.name}: architecture {arch!r} is not supported; pocketlm runs "
-            f"{', '.join(SUPPORTED_ARCHS)} (LLaMA-family) models for now"
+            f"{', '.join(SUPPORTED_ARCHS)} models"
         )
     g = lambda key, default=None: f.get(f"{arch}.{key}", default)
-    if g("rope.scaling.type", "none") not in ("none", None) or g("rope.scaling.factor"):
-        raise UnsupportedModel(f"{f.path.name}: RoPE scaling is not supported yet")
+    scaling = None
+    kind = g("rope.scaling.type", "none") or "none"
+    if kind == "linear" and g("rope.scaling.factor"):
+        scaling = {"rope_type": "linear", "factor": float(g("rope.scaling.factor"))}
+    elif kind != "none":
+        raise UnsupportedModel(f"{f.path.name}: RoPE scaling {kind!r} is not supported (linear, llama3)")
     n_heads = g("attention.head_count")
     dim = g("embedding_length")
     tokens = f.get("tokenizer.ggml.tokens")
+    gemma = arch == "gemma3"
     try:
+        head_dim = g("attention.key_length", dim // n_heads)
+        theta = float(g("rope.freq_base", 10000.0))
+        if "rope_freqs.weight" in f.tensors:  # Llama 3's scaled frequencies, as a tensor
+            scaling = _llama3_scaling(f, head_dim, theta)
         return ModelConfig(
             vocab_size=g("vocab_size") or len(tokens),
             dim=dim,
@@ -94,22 +128,87 @@ def read_config(f: GGUFFile) -> ModelConfig:
             n_heads=n_heads,
             n_kv_heads=g("attention.head_count_kv", n_heads),
             hidden_dim=g("feed_forward_length"),
-            head_dim=g("attention.key_length", dim // n_heads),
+            head_dim=head_dim,
             norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_theta=float(g("rope.freq_base", 10000.0)),
+            rope_theta=theta,
             max_seq_len=g("context_length", 2048),
             tie_embeddings="output.weight" not in f.tensors,
             bos_token_id=f.get("tokenizer.ggml.bos_token_id"),
             eos_token_id=f.get("tokenizer.ggml.eos_token_id"),
+            arch=arch,
+            attn_bias="blk.0.attn_q.bias" in f.tensors,
+            qk_norm="blk.0.attn_q_norm.weight" in f.tensors,
+            post_norms="blk.0.post_ffw_norm.weight" in f.tensors,
+            act="gelu_tanh" if gemma else "silu",
+            scale_embeddings=gemma,
+            norm_offset=1.0 if gemma else 0.0,
+            # llama.cpp scales Gemma 3's queries by 1/sqrt(head_dim) (27B aside: dim/heads)
+            query_pre_attn_scalar=float(head_dim) if gemma else 0.0,
+            final_softcap=float(g("final_logit_softcapping") or 0.0),
+            sliding_window=int(g("attention.sliding_window") or 0) if gemma else 0,
+            # llama.cpp's Gemma 3: every 6th layer global, local layers at RoPE base 10000
+            sliding_window_pattern=int(g("attention.sliding_window_pattern") or 6) if gemma else 0,
+            rope_local_theta=10000.0 if gemma else 0.0,
+            rope_scaling=scaling,
         )
     except (TypeError, KeyError) as e:
         raise FormatError(f"{f.path.name}: metadata is incomplete ({e}); is this a model file?") from None
 
 
-def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+def _llama3_scaling(f: GGUFFile, head_dim: int, theta: float) -> dict:
+    """The rope_scaling whose frequencies equal the file's rope_freqs (llama.cpp divides each
+    frequency by its factor), so the config exports to Hugging Face as Llama 3's."""
+    factors = dequantize(f.tensors["rope_freqs.weight"]).reshape(-1).astype(np.float64)
+    base = np.asarray(rope_inv_freq(head_dim, theta))
+    for scaling in _LLAMA3_SCALINGS:
+        scaled = np.asarray(rope_inv_freq(head_dim, theta, scaling))
+        if len(factors) == len(base) and np.allclose(base / factors, scaled, rtol=1e-4):
+            return dict(scaling)
+    raise UnsupportedModel(
+        f"{f.path.name}: its rope_freqs are not Llama 3's rope scaling (factor 8, 16 or 32); "
+        "custom RoPE frequencies are not supported"
+    )
+
+
+def tensor_map(f: GGUFFile, config: ModelConfig) -> list[tuple[str, str, int | None]]:
+    """(GGUF tensor name, our state-dict name, heads to un-interleave Q/K rows by or None).
+
+    Every tensor of the file is in it except ``rope_freqs.weight`` (read into the config).
+    The third field is set only for LLaMA's Q and K weights: llama.cpp's converter permutes
+    those rows, and no other family's.
+    Raises UnsupportedModel naming a tensor this architecture should not have.
+    """
+    names = _GEMMA_LAYER_NAMES if config.post_norms else _LAYER_NAMES
+    permute = config.arch == "llama"
+    out = []
+    for name in f.tensors:
+        if name == "rope_freqs.weight":
+            continue
+        if name in _TOP_NAMES:
+            out.append((name, _TOP_NAMES[name], None))
+            continue
+        parts = name.split(".")
+        if len(parts) != 4 or parts[0] != "blk" or parts[2] not in names:
+            raise UnsupportedModel(f"{f.path.name}: unexpected tensor {name!r} for a {config.arch} model")
+        _, idx, kind, suffix = parts
+        if suffix not in ("weight", "bias") or suffix == "bias" and not (
+            config.attn_bias and kind in ("attn_q", "attn_k", "attn_v")
+        ):
+            raise UnsupportedModel(f"{f.path.name}: unexpected tensor {name!r} for a {config.arch} model")
+        heads = None
+        if permute and suffix == "weight" and kind in ("attn_q", "attn_k"):
+            heads = config.n_heads if kind == "attn_q" else config.n_kv_heads
+        out.append((name, f"layers.{idx}.{names[kind]}.{suffix}", heads))
+    return out
+
+
+def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's RoPE row interleaving: rows (h, e/2, 2) -> (h, 2, e/2)."""
     rows = w.shape[0]
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+_unpermute = unpermute  # the old private name
 
 
 def dequantize(tensor) -> np.ndarray:
@@ -131,25 +230,12 @@ def dequantize(tensor) -> np.ndarray:
 
 
 def read_state_dict(f: GGUFFile, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """All weights as fp32 tensors under our module names."""
+    """All weights as fp32 tensors under our module names (see ``tensor_map``)."""
     out = {}
-    for name, t in f.tensors.items():
-        if name in _TOP_NAMES:
-            ours = _TOP_NAMES[name]
-        elif name.startswith("blk."):
-            _, idx, kind, suffix = name.split(".", 3)
-            if kind not in _LAYER_NAMES or suffix != "weight":
-                raise UnsupportedModel(f"{f.path.name}: unexpected tensor {name!r} for a LLaMA model")
-            ours = f"layers.{idx}.{_LAYER_NAMES[kind]}.{suffix}"
-        elif name == "rope_freqs.weight":
-            raise UnsupportedModel(f"{f.path.name}: custom RoPE frequencies are not supported yet")
-        else:
-            raise UnsupportedModel(f"{f.path.name}: unexpected tensor {name!r} for a LLaMA model")
-        w = dequantize(t)
-        if name.endswith("attn_q.weight"):
-            w = _unpermute(w, config.n_heads)
-        elif name.endswith("attn_k.weight"):
-            w = _unpermute(w, config.n_kv_heads)
+    for name, ours, heads in tensor_map(f, config):
+        w = dequantize(f.tensors[name])
+        if heads is not None:
+            w = unpermute(w, heads)
         out[ours] = torch.from_numpy(w)
     if config.tie_embeddings:
         out["lm_head.weight"] = out["embed_tokens.weight"]
