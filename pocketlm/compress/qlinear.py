@@ -11,11 +11,14 @@ point, so padded columns dequantize to exactly 0. On disk (model.safetensors), p
 - ``NAME.scales`` fp16 (N, G), G = ceil(Kp / group_size);
 - ``NAME.zeros`` uint8 (N, G), asymmetric only (symmetric zero point is 2^(bits-1)).
 
-Decode-sized inputs (at most ``GEMV_MAX_ROWS`` rows) go through the AVX2 kernel in
-``kernels/qgemv.cpp`` (VNNI dot products where the CPU has them): activations are rounded to int8 with one scale per block of 32 columns
-(as llama.cpp does for its quantized dot products; ~0.5% relative error on a product) and
-multiplied with the codes in integer arithmetic. Longer inputs (prefill, evaluation)
-dequantize the weight once and use a float matmul on unrounded activations. Without the
+Decode-sized inputs (at most ``GEMV_MAX_ROWS`` rows) go through the kernel in
+``kernels/qgemv.cpp`` (VNNI dot products where the CPU has them, on 512-bit vectors with
+AVX-512): activations are rounded to int8 with one scale per block of 32 columns (as llama.cpp
+does for its quantized dot products; ~0.5% relative error on a product) and multiplied with the
+codes in integer arithmetic; 8-bit codes keep fp32 activations unless ``POCKETLM_INT8_ACT=1``
+(``int8_activations``). Longer inputs (prefill, evaluation) dequantize a tile of rows at a
+time and use a float matmul on unrounded activations, in bf16 where
+``kernels.bf16_prefill()`` is on. Without the
 compiled kernel every path is the pure-PyTorch *fallback*: dequantize, then matmul. 3-bit
 codes are unpacked to one byte per code at load for the kernel (the file stays 3-bit).
 """
@@ -117,6 +120,17 @@ def backend() -> str:
     return isa()
 
 
+def int8_activations() -> bool:
+    """Whether decode-sized products with 8-bit codes round their activations to int8 (integer
+    dot products, VNNI where the CPU has it), as 4- and 3-bit codes always do.
+    ``POCKETLM_INT8_ACT=1`` turns it on; off by default until its WikiText-2 perplexity cost on
+    the real models is measured under the issue's 0.3% bar (an earlier 256-bit version cost
+    +0.7%, through int16 saturation of maddubs that the current kernel no longer has)."""
+    import os
+
+    return os.environ.get("POCKETLM_INT8_ACT", "0") == "1"
+
+
 def qmatmul(x: torch.Tensor, qw: QuantizedTensor) -> torch.Tensor:
     """x (..., K) @ W.T for a quantized W (N, K) -> (..., N), computed in fp32."""
     lead = x.shape[:-1]
@@ -126,14 +140,34 @@ def qmatmul(x: torch.Tensor, qw: QuantizedTensor) -> torch.Tensor:
     ext = kernel()
     kbits = qw.bits  # the kernel takes 3-bit codes unpacked, one a byte (kernel_codes)
     if ext is not None and x2.shape[0] <= GEMV_MAX_ROWS:
-        y = ext.qgemv(x2.contiguous(), qw.kernel_codes(), qw.scales, qw.zeros, kbits, qw.group_size)
+        gemv = ext.qgemv_q8 if kbits != 8 or int8_activations() else ext.qgemv
+        y = gemv(x2.contiguous(), qw.kernel_codes(), qw.scales, qw.zeros, kbits, qw.group_size)
     else:
-        if ext is not None:
-            w = ext.dequantize(qw.kernel_codes(), qw.scales, qw.zeros, kbits, qw.group_size)
-        else:
-            w = dequantize_codes(qw.codes(), qw.scales, qw.zeros, qw.group_size)
-        y = F.linear(x2, w)
+        y = _dequantized_matmul(x2, qw, ext)
     return y.to(x.dtype).reshape(*lead, qw.out_features)
+
+
+def _dequantized_matmul(x2: torch.Tensor, qw: QuantizedTensor, ext) -> torch.Tensor:
+    """x2 (M, Kp) @ W.T with W dequantized a tile of output rows at a time (a few MB, never
+    the whole fp32 matrix: the 49k-row embedding alone would be 113 MB), in bf16 where
+    ``kernels.bf16_prefill()`` says so (no gradients), else fp32."""
+    from pocketlm.kernels import bf16_prefill
+
+    bf16 = x2.dtype == torch.float32 and not torch.is_grad_enabled() and bf16_prefill()
+    xin = x2.to(torch.bfloat16) if bf16 else x2
+    tile = max(64, (1 << 20) // qw.kp // 64 * 64)  # output rows a tile: ~4 MB fp32
+    codes = qw.kernel_codes() if ext is not None else qw.codes()
+    out = []
+    for n0 in range(0, qw.out_features, tile):
+        rows = slice(n0, min(qw.out_features, n0 + tile))
+        if ext is not None:
+            w = ext.dequantize(codes[rows], qw.scales[rows], qw.zeros[rows], qw.bits,
+                               qw.group_size)
+        else:
+            w = dequantize_codes(codes[rows], qw.scales[rows], qw.zeros[rows], qw.group_size)
+        out.append(F.linear(xin, w.to(torch.bfloat16) if bf16 else w))
+    y = out[0] if len(out) == 1 else torch.cat(out, dim=1)
+    return y.float()
 
 
 # -- modules ---------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ product reads memory. PyTorch's BLAS reads these shapes at ~8-20 GB/s; the AVX2 
 same 2-core machine. ``GemvLinear`` uses it for up to ``MAX_ROWS`` input rows without
 gradients, oneDNN's GEMM for longer inputs (prefill), and ``F.linear`` for training; where the
 kernel cannot be built, weights are stored column-major instead, the best plain-PyTorch layout.
+Prefill products can run in bf16 (``bf16_prefill``) where the CPU has bf16 GEMMs.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pocketlm.kernels import bf16_prefill
 from pocketlm.model.transformer import to_column_major
 
 MAX_ROWS = 8
@@ -44,6 +46,17 @@ def _onednn() -> bool:
         return False
 
 
+def _bf16_copy(module: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """A bf16 copy of ``w`` kept beside the module, remade when the weight changes (in-place
+    updates bump ``_version``; a replaced tensor has another storage)."""
+    key = (w.data_ptr(), w._version, tuple(w.shape))
+    cached = module.__dict__.get("_bf16_weight")
+    if cached is None or cached[0] != key:
+        cached = (key, w.detach().to(torch.bfloat16))
+        module.__dict__["_bf16_weight"] = cached
+    return cached[1]
+
+
 class GemvLinear(nn.Linear):
     """An nn.Linear (same weight, same state dict) with fast inference paths: our AVX2 kernel
     for a few input rows (decode), oneDNN's GEMM for many (prefill); ``F.linear`` otherwise
@@ -59,6 +72,9 @@ class GemvLinear(nn.Linear):
                 if k is not None:
                     y = k.gemv_f32(x.reshape(rows, -1).contiguous(), w)
                     return y.view(*x.shape[:-1], w.shape[0])
+            elif bf16_prefill():
+                y = F.linear(x.reshape(rows, -1).to(torch.bfloat16), _bf16_copy(self, w))
+                return y.float().view(*x.shape[:-1], w.shape[0])
             elif _onednn():
                 y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, -1), w, None, "none", [], "")
                 return y.view(*x.shape[:-1], w.shape[0])

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 
-from pocketlm.compress.qlinear import QuantizedTensor, TiedQLinear
+from pocketlm.compress.qlinear import QuantizedTensor, TiedQLinear, int8_activations
 from pocketlm.engine.fastlinear import GemvLinear, _kernel
 from pocketlm.model.transformer import KVCache, Transformer
 
@@ -50,7 +50,8 @@ def _weight_spec(module: nn.Module):
         if module.compute_dtype != torch.float32 or module.bits not in (3, 4, 8):
             return None
         codes = module.kernel_codes()  # 3-bit: unpacked, one code a byte
-        return [codes, module.scales, module.zeros], [module.bits, module.kp, module.group_size]
+        meta = [module.bits, module.kp, module.group_size, int(int8_activations())]
+        return [codes, module.scales, module.zeros], meta
     if type(module) in (nn.Linear, GemvLinear):
         w = module.weight
         if module.bias is not None or w.dtype != torch.float32 or not w.is_contiguous():
@@ -92,6 +93,7 @@ class _Plan:
                 log.info("fused decode unavailable for this model: %s", str(e).splitlines()[0])
                 self.ok = False
         self.fingerprint = _fingerprint(model)
+        self.int8_act = int8_activations()  # read by _weight_spec: a change rebuilds the plan
         self.hooks = [d for m in model.modules() for d in (m._forward_hooks, m._forward_pre_hooks)]
 
     def current(self, model: Transformer) -> bool:
@@ -122,7 +124,7 @@ def plan_for(model: Transformer) -> _Plan | None:
     if ext is None or not hasattr(ext, "DecodePlan"):
         return None
     plan = _PLANS.get(model)
-    if plan is None or not plan.current(model):
+    if plan is None or not plan.current(model) or plan.int8_act != int8_activations():
         plan = _Plan(model, ext)
         _PLANS[model] = plan
     return plan if plan.ok else None

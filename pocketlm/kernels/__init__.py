@@ -1,4 +1,4 @@
-"""Our CPU kernels (AVX2/FMA), compiled on first use with the machine's g++.
+"""Our CPU kernels (AVX2/FMA, AVX-512 VNNI where the CPU has it), compiled on first use.
 
 - ``qgemv.cpp``: quantized and dense fp32 matrix-vector products for a few rows;
 - ``decode.cpp``: a whole decode step (every layer) in one call, ``DecodePlan``;
@@ -8,8 +8,9 @@
 
 ``build()`` JIT-compiles them through ``torch.utils.cpp_extension.load`` into
 ``$POCKETLM_HOME/kernels`` (default ``~/.cache/pocketlm/kernels``) with -O3 -mavx2 -mfma
--mf16c -fopenmp, plus VNNI where the CPU has it (``compile_flags``); later processes reuse the
-cached build. The extension's name carries a hash of the sources (header included) and the
+-mf16c -fopenmp, plus VNNI on 256- or 512-bit vectors where the CPU has it (``compile_flags``;
+``POCKETLM_ISA=avx2|avx2+vnni|avx512`` forces one, so one machine can test every build); later
+processes reuse the cached build. The extension's name carries a hash of the sources (header included) and the
 flags, so an edited kernel or another CPU's build is never served stale. It returns None (and callers use the
 pure-PyTorch fallback) when the CPU lacks AVX2/FMA/F16C, when POCKETLM_NO_KERNEL=1, or when
 compilation fails; the reason is logged once.
@@ -56,25 +57,92 @@ def _cpu_ok() -> bool:
     return {"avx2", "fma", "f16c"} <= cpu_flags()
 
 
-def compile_flags(flags: set[str] | None = None) -> list[str]:
-    """g++ flags for this CPU: AVX2/FMA/F16C, plus VNNI (one instruction for the int4/int3
-    dot products, ``dot_u8s8`` in kernels.h) where the CPU has AVX512-VNNI with VL, or
-    AVX-VNNI. POCKETLM_NO_VNNI=1 leaves VNNI out (to compare the two paths)."""
+ISAS = ("avx2", "avx2+vnni", "avx512")  # what a build can target, slowest first
+ISA_FLAGS = {
+    "avx2": [],
+    # VNNI on 256-bit vectors: AVX512-VNNI with VL (the -mavx512vl spelling), or AVX-VNNI.
+    "avx2+vnni": ["-mavx512vnni", "-mavx512vl"],
+    # 512-bit VNNI: the integer dot products take a pair of blocks (64 columns) an instruction.
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vnni", "-mavx512vl"],
+}
+
+
+def supported_isas(flags: set[str] | None = None) -> list[str]:
+    """The builds this CPU can run, slowest first (empty without AVX2/FMA/F16C)."""
     flags = cpu_flags() if flags is None else flags
-    extra = []
-    if not os.environ.get("POCKETLM_NO_VNNI"):
-        if {"avx512_vnni", "avx512vl"} <= flags:
-            extra = ["-mavx512vnni", "-mavx512vl"]
-        elif "avx_vnni" in flags:
-            extra = ["-mavxvnni"]
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return []
+    out = ["avx2"]
+    if {"avx512_vnni", "avx512vl"} <= flags or "avx_vnni" in flags:
+        out.append("avx2+vnni")
+    if {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"} <= flags:
+        out.append("avx512")
+    return out
+
+
+def chosen_isa(flags: set[str] | None = None) -> str:
+    """The build to make: POCKETLM_ISA (avx2, avx2+vnni or avx512) if set, else the fastest this
+    CPU runs; POCKETLM_NO_VNNI=1 means avx2. Raises InvalidArgument for an ISA that is unknown
+    or that this CPU lacks."""
+    from pocketlm.errors import InvalidArgument
+
+    supported = supported_isas(flags) or ["avx2"]
+    want = os.environ.get("POCKETLM_ISA", "").strip().lower()
+    if not want:
+        return "avx2" if os.environ.get("POCKETLM_NO_VNNI") else supported[-1]
+    if want not in ISAS:
+        raise InvalidArgument(f"POCKETLM_ISA={want!r} is not one of {', '.join(ISAS)}; "
+                              "unset it to build for the fastest this CPU runs")
+    if want not in supported:
+        raise InvalidArgument(f"POCKETLM_ISA={want} needs CPU features this machine lacks (it "
+                              f"runs {', '.join(supported)}); pick one of those or unset it")
+    return want
+
+
+def compile_flags(flags: set[str] | None = None) -> list[str]:
+    """g++ flags for this CPU (``chosen_isa``): AVX2/FMA/F16C, plus VNNI on 256-bit vectors
+    (AVX512-VNNI with VL, or AVX-VNNI) or on 512-bit ones (AVX-512 F/BW/DQ/VL + VNNI)."""
+    isa_ = chosen_isa(flags)
+    extra = ISA_FLAGS[isa_]
+    if isa_ == "avx2+vnni" and not {"avx512_vnni", "avx512vl"} <= (
+            cpu_flags() if flags is None else flags):
+        extra = ["-mavxvnni"]
     return BASE_FLAGS + extra
 
 
 def isa() -> str:
-    """'avx2+vnni' or 'avx2': the instruction set of the kernels this process loaded (before
-    a build: the one ``build()`` would choose on this CPU)."""
+    """'avx512', 'avx2+vnni' or 'avx2': the instruction set of the kernels this process loaded
+    (before a build: the one ``build()`` would choose on this CPU)."""
     flags = _BUILT_FLAGS if _BUILT_FLAGS is not None else compile_flags()
+    if "-mavx512f" in flags:
+        return "avx512"
     return "avx2+vnni" if len(flags) > len(BASE_FLAGS) else "avx2"
+
+
+# Prefill in bf16 (measured on the 2-core AMD EPYC with AVX512-BF16, no AMX, see
+# BF16_PREFILL_DEFAULT): oneDNN multiplies bf16 with fp32 accumulation; activations are
+# rounded to bf16 on the way in and the product on the way out, the residual stream stays fp32.
+BF16_PREFILL_DEFAULT = False
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether oneDNN has native bf16 GEMMs here (AVX512-BF16 or AMX), not an emulation."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    return any(getattr(cpu, c, lambda: False)()
+               for c in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def bf16_prefill() -> bool:
+    """Whether prefill-sized products (more than ``MAX_ROWS`` rows, no gradients) run in bf16.
+    ``POCKETLM_BF16_PREFILL=1``/``0`` turns it on/off; by default it is on only where the CPU
+    has bf16 GEMMs and ``BF16_PREFILL_DEFAULT`` says they won on such a CPU. Never on a CPU
+    without them (an emulated bf16 GEMM is slower than fp32)."""
+    env = os.environ.get("POCKETLM_BF16_PREFILL")
+    want = BF16_PREFILL_DEFAULT if env is None else env == "1"
+    return want and cpu_has_bf16()
 
 
 def build_dir() -> Path:
@@ -89,10 +157,10 @@ def build():
     if not _cpu_ok():
         log.warning("this CPU lacks AVX2/FMA/F16C: quantized layers use the slow fallback")
         return None
+    flags = compile_flags()  # raises for a POCKETLM_ISA this CPU cannot run: the user's to fix
     try:
         from torch.utils.cpp_extension import load
 
-        flags = compile_flags()
         name = _name(flags)
         d = build_dir() / name  # one folder a version: builds never share a build.ninja
         d.mkdir(parents=True, exist_ok=True)

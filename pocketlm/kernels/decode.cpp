@@ -41,6 +41,7 @@ struct Lin {
   const at::Half* scales = nullptr;
   const uint8_t* zeros = nullptr;
   int64_t N = 0, K = 0, G = 0, gs = 0, row_bytes = 0;
+  bool int8_act = true;  // 8-bit codes: activations rounded to int8 (else fp32)
 };
 
 struct Layer {
@@ -49,14 +50,14 @@ struct Layer {
   int64_t H = 0, KV = 0, F = 0;  // per layer: structured pruning may narrow some layers
 };
 
-// Per-thread scratch for quantized products: the input rows rounded to int8 (4/3-bit codes)
-// and per-group sums of the input (all codes).
+// Per-thread scratch for quantized products: the input rows rounded to int8 in the pair
+// layout (kernels.h), or per-group sums of the input (8-bit codes with fp32 activations).
 struct ActScratch {
-  std::vector<int8_t> xq;
-  std::vector<float> d, bsum, gsum;
+  PairScratch pairs;
+  std::vector<float> bsum, gsum;
 };
 
-// Rows [n0, n1) of y (B, N) = x (B, K) @ W^T; 4/3-bit weights read the int8 rows in A.
+// Rows [n0, n1) of y (B, N) = x (B, K) @ W^T; integer-path weights read the int8 rows in A.
 void lin_rows(const Lin& L, const float* x, int64_t B, const ActScratch& A, float* y,
               int64_t ldy, int64_t n0, int64_t n1) {
   if (L.bits == 32) {
@@ -66,42 +67,39 @@ void lin_rows(const Lin& L, const float* x, int64_t B, const ActScratch& A, floa
     }
     return;
   }
-  const int64_t ld = L.K / 32;
-  for (int64_t t = 0; t < B; ++t) {  // one row of x at a time: B is small
-    const int8_t* xq = A.xq.data() + t * L.K;
-    const float* d = A.d.data() + t * ld;
-    const float* gsum = A.gsum.data() + t * L.G;
-    if (L.bits == 8)  // fp32 activations, gsum = sums of x
-      gemv_rows<8, 1>(x + t * L.K, L.K, L.codes, L.row_bytes, L.scales, L.zeros, gsum, L.G, L.gs,
-                      L.K, y + t * ldy, ldy, n0, n1);
-    else if (L.bits == 3)
-      gemv_rows_i8<3, 1>(xq, d, L.K, gsum, L.codes, L.row_bytes, L.scales, L.zeros, L.G, L.gs,
-                         y + t * ldy, ldy, n0, n1);
-    else
-      gemv_rows_i8<4, 1>(xq, d, L.K, gsum, L.codes, L.row_bytes, L.scales, L.zeros, L.G, L.gs,
-                         y + t * ldy, ldy, n0, n1);
+  if (L.bits == 8 && !L.int8_act) {  // fp32 activations, gsum = sums of x
+    for (int64_t t = 0; t < B; ++t)
+      gemv_rows<8, 1>(x + t * L.K, L.K, L.codes, L.row_bytes, L.scales, L.zeros,
+                      A.gsum.data() + t * L.G, L.G, L.gs, L.K, y + t * ldy, ldy, n0, n1);
+    return;
   }
+  const PairAct* act = A.pairs.act.data();  // all B rows at once: each weight row read once
+  if (L.bits == 8)
+    pair_gemv<8>(act, B, L.codes, L.row_bytes, L.scales, L.zeros, L.G, L.gs, L.K, y, ldy, n0, n1);
+  else if (L.bits == 4)
+    pair_gemv<4>(act, B, L.codes, L.row_bytes, L.scales, L.zeros, L.G, L.gs, L.K, y, ldy, n0, n1);
+  else
+    pair_gemv<3>(act, B, L.codes, L.row_bytes, L.scales, L.zeros, L.G, L.gs, L.K, y, ldy, n0, n1);
 }
 
 // Called by every thread of the team: y = x @ W^T, output rows shared out in chunks.
 // No barrier at the end (callers put one where the result is needed).
 void lin_team(const Lin& L, const float* x, int64_t B, float* y, int64_t ldy, ActScratch& A,
               int nthreads) {
-  // Each thread prepares the input itself (K values: cheaper than a barrier): per-group sums
-  // of x for 8-bit codes, x rounded to int8 for 4/3-bit codes.
-  const int64_t ld = L.K / 32;
-  for (int64_t t = 0; L.bits != 32 && t < B; ++t) {
-    if (L.bits == 8) {
+  // Each thread prepares the input itself (K values: cheaper than a barrier): x rounded to
+  // int8 in the codes' layout, or per-group sums of x for 8-bit codes with fp32 activations.
+  if (L.bits == 8 && !L.int8_act) {
+    const int64_t ld = L.K / 32;
+    for (int64_t t = 0; t < B; ++t) {
       for (int64_t b = 0; b < ld; ++b) {
         float s = 0.f;
         for (int64_t k = b * 32; k < b * 32 + 32; ++k) s += x[t * L.K + k];
         A.bsum[t * ld + b] = s;
       }
-    } else {
-      quantize_act(x + t * L.K, L.K, A.xq.data() + t * L.K, A.d.data() + t * ld,
-                   A.bsum.data() + t * ld);
+      group_sums(A.bsum.data() + t * ld, L.K, L.gs, A.gsum.data() + t * L.G);
     }
-    group_sums(A.bsum.data() + t * ld, L.K, L.gs, A.gsum.data() + t * L.G);
+  } else if (L.bits != 32) {
+    A.pairs.prepare(x, B, L.K, L.K, L.bits, L.gs);
   }
   const int64_t chunk = std::max<int64_t>(16, (L.N + 8 * nthreads - 1) / (8 * nthreads));
   const int64_t chunks = (L.N + chunk - 1) / chunk;
@@ -210,9 +208,7 @@ class DecodePlan {
     std::vector<float> scratch(nt * std::max<int64_t>(S, 1));
     const int64_t kmax = std::max(D, std::max(Fmax_, Hmax_ * E)) + 32;
     std::vector<ActScratch> scratch_act(nt);
-    for (auto& A : scratch_act) {
-      A.xq.resize(B * kmax);
-      A.d.resize(B * kmax / 32);
+    for (auto& A : scratch_act) {  // (the pair scratch sizes itself on first use)
       A.bsum.resize(B * kmax / 32);
       A.gsum.resize(B * kmax / 32);
     }
@@ -317,13 +313,16 @@ class DecodePlan {
                 " must be contiguous fp32");
   }
 
-  // meta: {bits, K (input width; padded for codes), group size}; tensors: {w} or
-  // {codes, scales, zeros}.
+  // meta: {bits, K (input width; padded for codes), group size[, int8 activations]}; tensors:
+  // {w} or {codes, scales, zeros}. The fourth entry (default 1) matters for 8-bit codes only:
+  // 0 keeps their activations fp32.
   static Lin make_lin(const std::vector<torch::Tensor>& t, const std::vector<int64_t>& meta) {
-    TORCH_CHECK(meta.size() == 3, "DecodePlan: weight meta is {bits, K, group size}");
+    TORCH_CHECK(meta.size() == 3 || meta.size() == 4,
+                "DecodePlan: weight meta is {bits, K, group size[, int8 activations]}");
     Lin L;
     L.bits = static_cast<int>(meta[0]);
     L.K = meta[1];
+    L.int8_act = meta.size() == 3 || meta[3] != 0;
     if (L.bits == 32) {
       TORCH_CHECK(t.size() == 1 && t[0].dim() == 2 && t[0].size(1) == L.K, "DecodePlan: bad weight");
       check_f32(t[0], "weight");

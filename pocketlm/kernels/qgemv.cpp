@@ -54,23 +54,14 @@ void gemv8(const float* x, int64_t T, const uint8_t* codes, int64_t row_bytes,
   });
 }
 
-// 4- or 3-bit codes, activations rounded to int8: xq (T, Kp), d (T, Kp/32), gsum (T, G).
+// Activations rounded to int8 (T rows of x, prepared once in `a`), codes of any width: the
+// pair kernel (kernels.h, pair_gemv).
 template <int BITS>
-void gemv_int(const int8_t* xq, const float* d, const float* gsum, int64_t T,
-              const uint8_t* codes, int64_t row_bytes, const at::Half* scales,
-              const uint8_t* zeros, int64_t G, int64_t gs, int64_t Kp, float* y, int64_t N) {
-  const int64_t ld = Kp / 32;
+void gemv_pairs(const PairScratch& a, int64_t T, const uint8_t* codes, int64_t row_bytes,
+                const at::Half* scales, const uint8_t* zeros, int64_t G, int64_t gs, int64_t Kp,
+                float* y, int64_t N) {
   share_rows(N, N * Kp * T, [&](int64_t n0, int64_t n1) {
-    int64_t t = 0;
-    for (; t + 4 <= T; t += 4)
-      gemv_rows_i8<BITS, 4>(xq + t * Kp, d + t * ld, Kp, gsum + t * G, codes, row_bytes, scales,
-                            zeros, G, gs, y + t * N, N, n0, n1);
-    for (; t + 2 <= T; t += 2)
-      gemv_rows_i8<BITS, 2>(xq + t * Kp, d + t * ld, Kp, gsum + t * G, codes, row_bytes, scales,
-                            zeros, G, gs, y + t * N, N, n0, n1);
-    for (; t < T; ++t)
-      gemv_rows_i8<BITS, 1>(xq + t * Kp, d + t * ld, Kp, gsum + t * G, codes, row_bytes, scales,
-                            zeros, G, gs, y + t * N, N, n0, n1);
+    pair_gemv<BITS>(a.act.data(), T, codes, row_bytes, scales, zeros, G, gs, Kp, y, N, n0, n1);
   });
 }
 
@@ -85,6 +76,31 @@ void check(const torch::Tensor& codes, const torch::Tensor& scales, const torch:
 }
 
 }  // namespace
+
+// y (T, N) = x (T, Kp) @ dequant(codes)^T with x rounded to int8 per block of 32 columns first
+// (one scale a block, as llama.cpp's q8 activations): integer dot products for every code
+// width, the same numbers in every ISA build. T <= 8 rows (more: split by the caller).
+torch::Tensor qgemv_q8(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
+                       torch::Tensor zeros, int64_t bits, int64_t gs) {
+  check(codes, scales, zeros, bits, gs);
+  TORCH_CHECK(x.dtype() == torch::kFloat && x.is_contiguous() && x.dim() == 2);
+  const int64_t T = x.size(0), Kp = x.size(1), N = codes.size(0), G = scales.size(1);
+  TORCH_CHECK(Kp % 32 == 0, "qgemv: padded width must be a multiple of 32");
+  TORCH_CHECK(codes.size(1) * (bits == 4 ? 2 : 1) == Kp, "qgemv: x width does not match the codes");
+  TORCH_CHECK(G == (Kp + gs - 1) / gs, "qgemv: scales have the wrong number of groups");
+  auto y = torch::empty({T, N}, x.options());
+  PairScratch a;
+  a.prepare(x.data_ptr<float>(), T, Kp, Kp, static_cast<int>(bits), gs);
+  const auto* s = scales.data_ptr<at::Half>();
+  const uint8_t* c = codes.data_ptr<uint8_t>();
+  const uint8_t* z = zeros.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  const int64_t rb = codes.size(1);
+  if (bits == 8) gemv_pairs<8>(a, T, c, rb, s, z, G, gs, Kp, yp, N);
+  else if (bits == 4) gemv_pairs<4>(a, T, c, rb, s, z, G, gs, Kp, yp, N);
+  else gemv_pairs<3>(a, T, c, rb, s, z, G, gs, Kp, yp, N);
+  return y;
+}
 
 // x (T, Kp) fp32 contiguous, Kp a multiple of 32 -> y (T, N) fp32. For 4- and 3-bit codes x
 // is rounded to int8 per block of 32 columns first (see quantize_act in kernels.h).
@@ -109,19 +125,7 @@ torch::Tensor qgemv(torch::Tensor x, torch::Tensor codes, torch::Tensor scales,
     gemv8(xp, T, c, codes.size(1), s, z, xsum.data(), G, gs, Kp, yp, N);
     return y;
   }
-  // 4/3 bits: activations rounded to int8 per block of 32 once, shared by every output row.
-  std::vector<int8_t> xq(T * Kp);
-  std::vector<float> d(T * Kp / 32), bsum(T * Kp / 32), gsum(T * G);
-  for (int64_t t = 0; t < T; ++t) {
-    quantize_act(xp + t * Kp, Kp, xq.data() + t * Kp, d.data() + t * Kp / 32,
-                 bsum.data() + t * Kp / 32);
-    group_sums(bsum.data() + t * Kp / 32, Kp, gs, gsum.data() + t * G);
-  }
-  if (bits == 4)
-    gemv_int<4>(xq.data(), d.data(), gsum.data(), T, c, codes.size(1), s, z, G, gs, Kp, yp, N);
-  else
-    gemv_int<3>(xq.data(), d.data(), gsum.data(), T, c, codes.size(1), s, z, G, gs, Kp, yp, N);
-  return y;
+  return qgemv_q8(x, codes, scales, zeros, bits, gs);
 }
 
 // Dequantize to a dense (N, Kp) fp32 weight: w = (q - z) * s, for prefill-sized matmuls.
@@ -193,6 +197,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_attention(m);
   register_elementwise(m);
   m.def("qgemv", &qgemv, "y = x @ dequant(codes).T from packed codes (AVX2/FMA)");
+  m.def("qgemv_q8", &qgemv_q8, "qgemv with x rounded to int8 per block of 32, any code width");
+  m.def("isa", []() {
+#if defined(POCKETLM_512)
+    return std::string("avx512");
+#elif defined(__AVX512VNNI__) || defined(__AVXVNNI__)
+    return std::string("avx2+vnni");
+#else
+    return std::string("avx2");
+#endif
+  }, "the instruction set this extension was compiled for");
   m.def("gemv_f32", &gemv_f32, "y = x @ w.T for a few fp32 rows, w row-major (AVX2/FMA)");
   m.def("dequantize", &dequantize, "dense fp32 weight from packed codes");
 }

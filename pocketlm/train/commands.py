@@ -77,7 +77,11 @@ def _add_train_args(p: argparse.ArgumentParser, lr: float) -> None:
     g.add_argument("--warmup", type=int, default=None, help="warm-up steps (5%% of the steps)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (0)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip, 0 = off (1.0)")
-    g.add_argument("--bf16", action="store_true", help="bf16 autocast (AVX512-BF16/AMX CPUs)")
+    g.add_argument(
+        "--precision", choices=["fp32", "bf16"], default="fp32",
+        help="fp32, or bf16 autocast with fp32 master weights (AVX512-BF16/AMX CPUs) (fp32)",
+    )
+    g.add_argument("--bf16", action="store_true", help="same as --precision bf16")
     g.add_argument("--eval-every", type=int, default=50, help="evaluate every N steps (50)")
     g.add_argument(
         "--eval-rows", type=int, default=64, help="held-out rows per evaluation, 0 = all (64)"
@@ -112,7 +116,7 @@ def _settings(a):
         warmup_steps=a.warmup,
         weight_decay=a.weight_decay,
         clip=a.clip,
-        bf16=a.bf16,
+        bf16=a.bf16 or a.precision == "bf16",
         eval_every=a.eval_every,
         eval_rows=a.eval_rows,
         checkpoint_every=a.checkpoint_every,
