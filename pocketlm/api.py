@@ -155,17 +155,20 @@ class Model:
         Files are written under a temporary name and renamed, so a crash never leaves a
         half-written model that looks complete.
         """
+        from pocketlm.lock import output_lock  # one writer per folder: OutputLocked otherwise
+
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        cfg = self.config.to_hf()
-        if getattr(self.network, "quantization_config", None):  # packed weights: see compress/
-            cfg["quantization_config"] = self.network.quantization_config
-        hf_format.save_state_dict(self.network.state_dict(), folder, self.config.tie_embeddings)
-        self.tokenizer.save(folder)
-        self.card.save(folder)
-        tmp = folder / "config.json.tmp"
-        tmp.write_text(json.dumps(cfg, indent=2))
-        os.replace(tmp, folder / "config.json")  # written last: its presence marks a whole folder
+        with output_lock(folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            cfg = self.config.to_hf()
+            if getattr(self.network, "quantization_config", None):  # packed weights: see compress/
+                cfg["quantization_config"] = self.network.quantization_config
+            hf_format.save_state_dict(self.network.state_dict(), folder, self.config.tie_embeddings)
+            self.tokenizer.save(folder)
+            self.card.save(folder, self.config)  # card.json and the README.md model card
+            tmp = folder / "config.json.tmp"
+            tmp.write_text(json.dumps(cfg, indent=2))
+            os.replace(tmp, folder / "config.json")  # written last: its presence marks a whole folder
         return folder
 
 
