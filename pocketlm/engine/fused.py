@@ -120,6 +120,8 @@ def plan_for(model: Transformer) -> _Plan | None:
     """The model's decode plan (built on first use, rebuilt when its weights change)."""
     if not enabled() or not isinstance(model, Transformer):
         return None
+    if not model.config.is_plain_llama:  # biases, QK-norm, Gemma's norms, GELU, windows...:
+        return None  # the C++ step computes LLaMA's block only
     ext = _kernel()
     if ext is None or not hasattr(ext, "DecodePlan"):
         return None

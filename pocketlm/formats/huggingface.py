@@ -70,7 +70,10 @@ def read_state_dict(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor
                 f"{f} could not be read ({e}); it may be truncated or corrupted"
             ) from None
         for name, t in tensors.items():
-            out[name.removeprefix("model.")] = t
+            name = name.removeprefix("model.")
+            if config.norm_offset and name.endswith("norm.weight"):  # Gemma: factor = 1 + w,
+                t = t.float() + config.norm_offset  # in fp32 as HF computes it
+            out[name] = t
     if any(name.endswith(".bitmask") for name in out):  # pruned weights: values + bitmask
         from pocketlm.compress.prune import bitmask_unpack
 
@@ -80,15 +83,27 @@ def read_state_dict(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor
     return out
 
 
-def save_state_dict(state: dict[str, torch.Tensor], folder: Path, tied: bool) -> None:
-    """Write model.safetensors with Hugging Face names, atomically (temp file, then rename)."""
+def save_state_dict(
+    state: dict[str, torch.Tensor], folder: Path, tied: bool, norm_offset: float | None = None
+) -> None:
+    """Write model.safetensors with Hugging Face names, atomically (temp file, then rename).
+
+    ``norm_offset`` (``ModelConfig.norm_offset``, 1 for Gemma) is taken off every norm weight:
+    we hold the factor a norm multiplies by, Gemma's checkpoints hold that factor minus one.
+    None: 1 if the state has Gemma's pre-MLP norms (no other family we run has them), else 0.
+    """
     from safetensors.torch import save_file
+
+    if norm_offset is None:
+        norm_offset = float(any(n.endswith("pre_feedforward_layernorm.weight") for n in state))
 
     tensors = {}
     for name, t in state.items():
         if tied and name == "lm_head.weight":
             continue
         key = name if name.startswith("lm_head") else f"model.{name}"
+        if norm_offset and name.endswith("norm.weight"):
+            t = (t.float() - norm_offset).to(t.dtype)
         tensors[key] = t.detach().contiguous()
     tmp = folder / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})

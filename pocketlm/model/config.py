@@ -144,7 +144,7 @@ class ModelConfig:
         else:  # gemma3_text
             out.update(
                 hidden_activation="gelu_pytorch_tanh",
-                query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
+                query_pre_attn_scalar=int(self.query_pre_attn_scalar or self.head_dim),
                 sliding_window=self.sliding_window or None,
                 sliding_window_pattern=self.sliding_window_pattern or None,
                 layer_types=[
@@ -184,12 +184,7 @@ class ModelConfig:
         acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
         if act not in acts:
             raise UnsupportedModel(f"hidden_act={act!r}; pocketlm computes silu and gelu_pytorch_tanh")
-        scaling = cfg.get("rope_scaling")
-        if scaling:
-            scaling = dict(scaling)
-            scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type", "default")
-            if scaling["rope_type"] == "default":
-                scaling = None
+        theta, scaling, local_theta = _hf_rope(cfg)
         eos = cfg.get("eos_token_id")
         if isinstance(eos, list):
             eos = eos[0] if eos else None
@@ -217,7 +212,7 @@ class ModelConfig:
             hidden_dim=cfg["intermediate_size"],
             head_dim=cfg.get("head_dim") or 0,
             norm_eps=cfg.get("rms_norm_eps", 1e-6 if gemma else 1e-5),
-            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_theta=theta,
             max_seq_len=cfg.get("max_position_embeddings", 2048),
             tie_embeddings=cfg.get("tie_word_embeddings", gemma),
             bos_token_id=cfg.get("bos_token_id"),
@@ -233,7 +228,7 @@ class ModelConfig:
             final_softcap=float(cfg.get("final_logit_softcapping") or 0),
             sliding_window=window,
             sliding_window_pattern=pattern,
-            rope_local_theta=float(cfg.get("rope_local_base_freq") or 0) if gemma else 0.0,
+            rope_local_theta=local_theta if gemma else 0.0,
             rope_scaling=scaling,
         )
 
@@ -244,6 +239,32 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> ModelConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _hf_rope(cfg: dict) -> tuple[float, dict | None, float]:
+    """(rope_theta, rope_scaling or None, local layers' theta or 0) from a config.json.
+
+    transformers >= 5 writes ``rope_parameters`` (per layer type for Gemma 3); older versions
+    ``rope_theta``, ``rope_scaling`` and ``rope_local_base_freq``. Both are read.
+    """
+    params = cfg.get("rope_parameters")
+    local = {}
+    if params and "full_attention" in params:  # Gemma 3: one set per layer type
+        params, local = params["full_attention"], params.get("sliding_attention") or {}
+    if params:
+        theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    else:
+        theta = float(cfg.get("rope_theta", 10000.0))
+        scaling = dict(cfg.get("rope_scaling") or {})
+    if scaling:
+        scaling["rope_type"] = scaling.pop("type", None) or scaling.get("rope_type", "default")
+    if not scaling or scaling["rope_type"] == "default":
+        scaling = None
+    if local.get("rope_type", "default") != "default":
+        raise UnsupportedModel(f"scaled RoPE on local layers ({local}) is not supported")
+    local_theta = float(local.get("rope_theta") or cfg.get("rope_local_base_freq") or 0.0)
+    return theta, scaling, local_theta
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> list[float]:
