@@ -1,0 +1,182 @@
+"""Exports: GGUF read back by pocketlm and by the gguf package, HF read by transformers, and
+GPTQ int4 group-32 codes carried into Q4_0 / Q4_1 blocks without re-rounding."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tiny import make_tiny_model
+
+import pocketlm
+from pocketlm.compress import quantize
+from pocketlm.compress.qlinear import QuantizedTensor
+from pocketlm.errors import InvalidArgument
+from pocketlm.formats.export import ExportError, permute_qk, write_gguf, write_hf
+from pocketlm.formats.gguf import unpermute
+
+TEXT = "the cat sat on the mat, then in the hat; a thin hen ate the tea. " * 40
+PROMPT = "hello there, the thing in a box"
+LLAMA_BIN = Path(__file__).resolve().parents[1] / ".peer" / "build" / "bin"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_model()
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory):
+    p = tmp_path_factory.mktemp("calib") / "calib.txt"
+    p.write_text(TEXT)
+    return p
+
+
+def _gptq(model, calib, sym):
+    return quantize(model, "gptq", 4, 32, sym=sym, calibration=str(calib), samples=4,
+                    seq_len=64, progress=False)
+
+
+def _blocks(reader, name):
+    return next(t for t in reader.tensors if t.name == name)
+
+
+def test_gguf_f32_round_trip_is_exact(model, tmp_path):
+    import gguf
+
+    path = write_gguf(model, tmp_path / "m.gguf", "f32")
+    ids = model.encode(PROMPT)
+    back = pocketlm.load(path)
+    assert back.encode(PROMPT) == ids  # the tokenizer travels: vocabulary, merges, pre-tokenizer
+    assert back.tokenizer.chat_template == model.tokenizer.chat_template
+    assert torch.equal(back.logits(ids), model.logits(ids))
+    # the gguf package's reader sees llama.cpp's layout: names, metadata, permuted Q/K rows
+    r = gguf.GGUFReader(str(path))
+    meta = {k: f.contents() for k, f in r.fields.items()}
+    assert meta["general.architecture"] == "llama"
+    assert meta["llama.block_count"] == 2 and meta["llama.attention.head_count_kv"] == 2
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "gpt-2"
+    q = _blocks(r, "blk.0.attn_q.weight")
+    ours = model.network.layers[0].self_attn.q_proj.weight.detach().contiguous().numpy()
+    np.testing.assert_array_equal(np.asarray(q.data).reshape(ours.shape), permute_qk(ours, 4))
+    assert "output.weight" not in {t.name for t in r.tensors}  # tied: llama.cpp reuses token_embd
+
+
+def test_gguf_f16_within_half_precision(model, tmp_path):
+    ids = model.encode(PROMPT)
+    back = pocketlm.load(write_gguf(model, tmp_path / "m.gguf"))  # auto on a float model: F16
+    ref = model.logits(ids)
+    err = (back.logits(ids) - ref).abs().max().item()
+    assert 0 < err < 1e-2 * ref.abs().max().item()
+
+
+def test_gptq_int4_g32_symmetric_becomes_q4_0_bit_exact(model, calib, tmp_path):
+    import gguf
+
+    q = _gptq(model, calib, sym=True)
+    path = write_gguf(q, tmp_path / "q.gguf", "auto")
+    r = gguf.GGUFReader(str(path))
+    down = _blocks(r, "blk.1.ffn_down.weight")
+    assert down.tensor_type == gguf.GGMLQuantizationType.Q4_0
+    assert _blocks(r, "token_embd.weight").tensor_type == gguf.GGMLQuantizationType.Q8_0
+    mod = q.network.layers[1].mlp.down_proj
+    w = gguf.quants.dequantize(down.data, down.tensor_type).reshape(mod.out_features, -1)
+    assert np.array_equal(w, mod.dequantize().numpy())  # every weight, bit for bit
+    ids = model.encode(PROMPT)
+    back = pocketlm.load(path)
+    assert torch.equal(back.logits(ids), q.logits(ids))
+
+
+def test_gptq_int4_g32_asymmetric_becomes_q4_1_keeping_codes(model, calib, tmp_path):
+    import gguf
+
+    q = _gptq(model, calib, sym=False)
+    path = write_gguf(q, tmp_path / "q.gguf", "auto")
+    r = gguf.GGUFReader(str(path))
+    for i, name in ((0, "self_attn.q_proj"), (1, "mlp.gate_proj"), (1, "mlp.down_proj")):
+        mod = q.network.layers[i].get_submodule(name)
+        assert isinstance(mod, QuantizedTensor)
+        gname = {"self_attn.q_proj": "attn_q", "mlp.gate_proj": "ffn_gate",
+                 "mlp.down_proj": "ffn_down"}[name]
+        t = _blocks(r, f"blk.{i}.{gname}.weight")
+        assert t.tensor_type == gguf.GGMLQuantizationType.Q4_1
+        n, nb = mod.out_features, mod.in_features // 32
+        raw = np.asarray(t.data).reshape(n, nb, 20)
+        if gname == "attn_q":  # undo llama.cpp's row interleaving to compare row by row
+            raw = unpermute(np.asarray(t.data).reshape(n, nb * 20), 4).reshape(n, nb, 20)
+        d = raw[:, :, 0:2].copy().view(np.float16)[..., 0]
+        m = raw[:, :, 2:4].copy().view(np.float16)[..., 0]
+        qs = raw[:, :, 4:].reshape(n, nb * 16)
+        assert np.array_equal(qs, mod.qweight.numpy())  # codes: bit for bit
+        assert np.array_equal(d, mod.scales.numpy())  # group 32 = block 32: scales bit for bit
+        zeros = np.round(-m.astype(np.float32) / d.astype(np.float32))
+        assert np.array_equal(zeros.astype(np.uint8), mod.zeros.numpy())  # zero points recovered
+        # the offset m = -z*s is an fp16: off the exact product by at most half an fp16 ulp
+        exact = -mod.zeros.numpy().astype(np.float64) * d.astype(np.float64)
+        assert np.all(np.abs(m - exact) <= np.abs(exact) * 2.0**-11 + 2.0**-25)
+    ids = model.encode(PROMPT)
+    err = (pocketlm.load(path).logits(ids) - q.logits(ids)).abs().max().item()
+    assert err < 1e-2
+
+
+def test_grids_gguf_cannot_express_are_refused(model, tmp_path):
+    q3 = quantize(model, "rtn", 3, 32, progress=False)
+    with pytest.raises(ExportError, match="int3 symmetric .* no GGUF block type"):
+        write_gguf(q3, tmp_path / "q3.gguf", "auto")
+    assert not list(tmp_path.iterdir())  # nothing half-written is left
+    back = pocketlm.load(write_gguf(q3, tmp_path / "q3.gguf", "q4_0"))  # requantize, asked for
+    assert back.config.n_layers == 2
+
+
+def test_existing_output_needs_force(model, tmp_path):
+    path = write_gguf(model, tmp_path / "m.gguf", "f32")
+    with pytest.raises(InvalidArgument, match="--force"):
+        write_gguf(model, path, "f32")
+    write_gguf(model, path, "f16", force=True)
+    out = write_hf(model, tmp_path / "hf", "fp32")
+    with pytest.raises(InvalidArgument, match="--force"):
+        write_hf(model, out)
+
+
+def test_hf_export_loads_in_transformers(model, calib, tmp_path):
+    import transformers
+
+    ids = model.encode(PROMPT)
+    out = write_hf(model, tmp_path / "hf", "fp32")
+    assert (out / "README.md").is_file() and (out / "card.json").is_file()
+    tm = transformers.AutoModelForCausalLM.from_pretrained(out)
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok(PROMPT)["input_ids"] == ids
+    with torch.no_grad():
+        theirs = tm(torch.tensor([ids])).logits[0]
+    assert (theirs - model.logits(ids)).abs().max().item() < 1e-4
+    assert torch.equal(pocketlm.load(out).logits(ids), model.logits(ids))
+    # a quantized model exports dequantized: transformers computes what our codes stand for
+    q = _gptq(model, calib, sym=False)
+    qout = write_hf(q, tmp_path / "hfq", "fp32")
+    tq = transformers.AutoModelForCausalLM.from_pretrained(qout)
+    with torch.no_grad():
+        assert (tq(torch.tensor([ids])).logits[0] - q.logits(ids)).abs().max().item() < 1e-2
+    assert "dequantized_from" in (qout / "card.json").read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not (LLAMA_BIN / "llama-perplexity").is_file(),
+                    reason="llama.cpp not built (bash bench/build_llama_cpp.sh)")
+def test_llama_cpp_loads_the_exports(model, calib, tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 4)
+    for name, m, qtype in (("f16", model, "f16"), ("q41", _gptq(model, calib, False), "auto")):
+        path = write_gguf(m, tmp_path / f"{name}.gguf", qtype)
+        r = subprocess.run([str(LLAMA_BIN / "llama-perplexity"), "-m", str(path), "-f", str(text),
+                            "-c", "64", "-b", "64", "-t", "1"], check=False, capture_output=True,
+                           text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        line = next(s for s in (r.stdout + r.stderr).splitlines() if "Final estimate" in s)
+        ppl = float(line.split("=")[1].split()[0])
+        assert math.isfinite(ppl) and 1 < ppl < 1000
