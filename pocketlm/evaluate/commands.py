@@ -19,9 +19,13 @@ def _fmt(v) -> str:
 
 def results_table(results: dict) -> str:
     """The printed summary: one line per task and metric, with standard errors."""
-    lines = [f"{'task':14s} {'metric':18s} {'value':>10s}   {'stderr':>8s}   n"]
+    w = max([14] + [len(t) for t in results["tasks"]])
+    mw = max([18] + [len(k) for m in results["tasks"].values() for k in m.get("shown", [])])
+    lines = [f"{'task':{w}s} {'metric':{mw}s} {'value':>10s}   {'stderr':>8s}   n"]
     for task, m in results["tasks"].items():
-        if "word_perplexity" in m:
+        if "shown" in m:
+            shown = m["shown"]
+        elif "word_perplexity" in m:
             shown = ["word_perplexity", "byte_perplexity", "bits_per_byte", "token_perplexity"]
         elif "perplexity" in m:
             shown = ["acc", "perplexity"]
@@ -29,10 +33,10 @@ def results_table(results: dict) -> str:
             shown = ["acc", "acc_norm", "acc_bytes"]
         for k in shown:
             se = m.get(f"{k}_stderr")
-            lines.append(f"{task:14s} {k:18s} {_fmt(m[k]):>10s}   "
+            lines.append(f"{task:{w}s} {k:{mw}s} {_fmt(m[k]):>10s}   "
                          f"{'± ' + _fmt(se) if se is not None else '':>8s}   {m['n']}")
         if m.get("skipped"):
-            lines.append(f"{'':14s} skipped {m['skipped']} malformed row(s); "
+            lines.append(f"{'':{w}s} skipped {m['skipped']} malformed row(s); "
                          f"first: {m['first_skipped']}")
     s = results["settings"]
     lines.append(f"(context {s['context']} tokens, WikiText stride {s['stride']}, "
@@ -52,18 +56,40 @@ def write_json(path: str | Path, data: dict) -> Path:
 def cmd_eval(a: argparse.Namespace) -> None:
     from pocketlm.api import resolve
     from pocketlm.cli import load_from_args
+    from pocketlm.errors import InvalidArgument
+    from pocketlm.evaluate.custom import is_custom
     from pocketlm.evaluate.run import evaluate, save_card
+    from pocketlm.evaluate.taskfile import parse_config
     from pocketlm.evaluate.tasks import parse_tasks
     from pocketlm.formats import huggingface as hf_format
 
-    parse_tasks(a.tasks)  # an unknown task fails before the model loads
-    m = load_from_args(a)
-    r = evaluate(m, a.tasks, limit=a.limit, batch_size=a.batch_size, context=a.context,
-                 stride=a.stride, data_dir=a.data_dir, cache_dir=a.cache_dir,
-                 use_cache=not a.no_cache, progress=True)
+    names = parse_tasks(a.tasks)  # an unknown task or a bad task file fails before the load
+    for n in names:
+        if is_custom(n) and n.endswith((".yaml", ".yml")):
+            parse_config(n, a.trust_task_code)
+    kw = {"limit": a.limit, "batch_size": a.batch_size, "context": a.context,
+          "stride": a.stride, "data_dir": a.data_dir, "cache_dir": a.cache_dir,
+          "use_cache": not a.no_cache, "progress": True, "trust_task_code": a.trust_task_code,
+          "num_fewshot": a.num_fewshot}
+    if a.endpoint:
+        from pocketlm.evaluate.backends import EndpointLM
+
+        name = a.served_model or a.model
+        if not name:
+            raise InvalidArgument("--endpoint needs the served model's name: --model NAME")
+        lm = EndpointLM(a.endpoint, name, api_key=a.api_key or os.environ.get("OPENAI_API_KEY"),
+                        concurrency=a.batch_size)
+        r = evaluate(None, a.tasks, endpoint=lm, **kw)
+    else:
+        if not a.model:
+            raise InvalidArgument("name a MODEL to evaluate (or --endpoint URL --model NAME)")
+        m = load_from_args(a)
+        r = evaluate(m, a.tasks, **kw)
     print(results_table(r))
     if a.output:
         print(f"wrote {write_json(a.output, r)}")
+    if a.endpoint:
+        return
     path = resolve(a.model)
     if path.is_dir() and hf_format.is_hf_folder(path):
         print(f"recorded in {save_card(m, path)}")
@@ -97,7 +123,8 @@ def cmd_report(a: argparse.Namespace) -> None:
 
 def _add_eval_options(p: argparse.ArgumentParser, tasks_default: str) -> None:
     p.add_argument("--tasks", default=tasks_default,
-                   help=f"comma-separated tasks, or 'all' ({tasks_default})")
+                   help=f"comma-separated tasks, or 'all' ({tasks_default}); also gsm8k, "
+                        "task files (FILE.yaml) and ppl:FILE")
     p.add_argument("--limit", type=int, default=None,
                    help="only the first N items of each task (pages for wikitext2)")
     p.add_argument("--batch-size", type=int, default=8,
@@ -120,10 +147,39 @@ def register(sub) -> None:
                     "of EleutherAI's lm-evaluation-harness, read from local files. Every item "
                     "is cached, so an interrupted run resumes where it stopped. Results print "
                     "as a table, go to -o JSON, and into card.json when MODEL is a saved folder.",
-        epilog=f"tasks:\n{known}\n\nexample:\n  pocketlm eval smollm2-135m-instruct "
-               "--tasks hellaswag,arc_easy --limit 300 -o results.json")
-    add_model_args(p)
+        epilog=f"tasks:\n{known}\n  {'gsm8k':14s} GSM8K test: lm-eval's prompt, 5-shot, greedy, "
+               "strict/flexible exact match\n"
+               f"  {'FILE.yaml':14s} a task in lm-evaluation-harness's YAML format over local "
+               "json/csv/parquet files\n"
+               f"  {'ppl:FILE':14s} perplexity and bits per byte on a .txt/.jsonl/.csv file "
+               "(the training data formats)\n\n"
+               "examples:\n  pocketlm eval smollm2-135m-instruct "
+               "--tasks hellaswag,arc_easy --limit 300 -o results.json\n"
+               "  pocketlm eval smollm2-135m-instruct --tasks gsm8k --limit 250\n"
+               "  pocketlm eval ./my-finetune --tasks pocketlm/tasks/banking77.yaml,ppl:notes.txt\n"
+               "  pocketlm eval --endpoint http://127.0.0.1:8000 --model smollm2-135m-instruct "
+               "--tasks gsm8k --limit 50\n\n"
+               "A task file field pocketlm does not support is refused by name; '!function' "
+               "hooks (Python code in the task's folder) need --trust-task-code.")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model name, .gguf file or model folder (not with --endpoint)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: $POCKETLM_THREADS or all cores)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype for the weights (default float32)")
     _add_eval_options(p, DEFAULT_TASKS)
+    g = p.add_argument_group("task files and endpoints")
+    g.add_argument("--num-fewshot", type=int, default=None,
+                   help="override a task file's num_fewshot (examples drawn seeded, as lm-eval)")
+    g.add_argument("--trust-task-code", action="store_true",
+                   help="allow '!function' hooks in task files: runs their Python code")
+    g.add_argument("--endpoint", default=None, metavar="URL",
+                   help="evaluate an OpenAI-compatible server instead of a local model "
+                        "(/v1/completions; log-likelihood tasks need echo + logprobs)")
+    g.add_argument("--model", dest="served_model", default=None, metavar="NAME",
+                   help="with --endpoint: the model name the server serves")
+    g.add_argument("--api-key", default=None,
+                   help="with --endpoint: bearer token ($OPENAI_API_KEY)")
     p.add_argument("--stride", type=int, default=None,
                    help="WikiText: new tokens per window (default = context: disjoint windows, "
                         "as lm-eval); smaller strides give each token more history")

@@ -246,6 +246,9 @@ def evaluate(
     progress: bool = True,
     record: bool = True,
     details: bool = False,
+    trust_task_code: bool = False,
+    num_fewshot: int | None = None,
+    endpoint=None,
 ) -> dict:
     """Evaluate ``model`` on ``tasks``; returns {"model", "settings", "tasks": {name: metrics}}.
 
@@ -256,33 +259,65 @@ def evaluate(
     With ``record`` the metrics are added to ``model.card``; with ``details`` the per-item
     log-likelihoods are returned too, under ``results["items"][task]``.
 
+    Besides the built-in names, ``tasks`` may hold ``gsm8k`` (generative, 5-shot), paths to
+    lm-eval task YAMLs (``taskfile.py``; ``trust_task_code`` allows their ``!function`` hooks,
+    ``num_fewshot`` overrides theirs) and ``ppl:FILE`` (perplexity on any text/JSONL/CSV file).
+    With ``endpoint`` (a ``backends.EndpointLM``) those run against a server instead, and
+    ``model`` may be None.
+
     Raises InvalidArgument for an unknown task or bad setting, DataMissing for a missing data
-    file (the message names the path and the expected format).
+    file (the message names the path and the expected format), TaskFileError for a bad task
+    file, EndpointError for an unreachable or unsuitable endpoint.
     """
+    from pocketlm.evaluate import custom
     names = parse_tasks(tasks)
     if limit is not None and limit < 1:
         raise InvalidArgument(f"limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise InvalidArgument(f"batch size must be at least 1, got {batch_size}")
-    window = min(context, model.config.max_seq_len - 1)
+    if model is None and endpoint is None:
+        raise InvalidArgument("evaluate needs a model or an endpoint")
+    builtin = [n for n in names if not custom.is_custom(n)]
+    if endpoint is not None and builtin:
+        raise InvalidArgument(f"{', '.join(builtin)}: built-in log-likelihood tasks run on a "
+                              "local model; through --endpoint run gsm8k, task files (.yaml) "
+                              "or ppl:FILE")
+    window = min(context, (model.config.max_seq_len if model else 1 << 30) - 1)
     if window < 2:
         raise InvalidArgument(f"context must be at least 2 tokens, got {context}")
     stride = window if stride is None else stride
     if not 1 <= stride <= window:
         raise InvalidArgument(f"stride must be between 1 and the context ({window}), got {stride}")
     cache_root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    fp = fingerprint(model) if use_cache else None
+    if endpoint is not None:
+        fp = hashlib.sha256(f"{endpoint.base}|{endpoint.model}".encode()).hexdigest()[:16]
+        fp = fp if use_cache else None
+        who, dtype = f"{endpoint.model} @ {endpoint.base}", "endpoint"
+        endpoint.check()
+    else:
+        fp = fingerprint(model) if use_cache else None
+        who = model.card.name or model.card.source
+        dtype = str(model.network.lm_head.weight.dtype).replace("torch.", "")
 
     results: dict = {
-        "model": model.card.name or model.card.source,
+        "model": who,
         "settings": {"context": window, "stride": stride, "limit": limit,
                      "batch_size": batch_size, "threads": torch.get_num_threads(),
-                     "dtype": str(model.network.lm_head.weight.dtype).replace("torch.", ""),
-                     "fingerprint": fp},
+                     "dtype": dtype, "fingerprint": fp},
         "tasks": {},
     }
-    loaded = {n: load_task(n, data_dir) for n in names}  # fail on missing data before any work
+    # fail on missing data or a bad task file before any work
+    loaded = {n: custom.load(n, data_dir, trust_task_code, num_fewshot, limit)
+              if custom.is_custom(n) else load_task(n, data_dir) for n in names}
+    if any(custom.is_custom(n) for n in names):
+        from pocketlm.evaluate.backends import LocalLM
+
+        lm = endpoint or LocalLM(model, window, batch_size)
     for name in names:
+        if custom.is_custom(name):
+            _run_custom(lm, name, loaded[name], results, cache_root, fp, window, batch_size,
+                        progress, details, record, limit, model)
+            continue
         data = loaded[name]
         items = data.items[:limit] if limit else data.items
         if data.skipped:
@@ -319,6 +354,48 @@ def evaluate(
             model.card.add_metric(name, {k: v for k, v in metrics.items() if k != "first_skipped"}
                                   | {"limit": limit})
     return results
+
+
+def _run_custom(lm, name, task, results, cache_root, fp, window, batch_size, show, details,
+                record, limit, model) -> None:
+    """One task file, gsm8k or ppl:FILE: run what the cache lacks, then compute metrics."""
+    from pocketlm.evaluate import custom
+
+    is_ppl = isinstance(task, custom.PplTask)
+    n = len(task.records) if is_ppl else len(task.requests)
+    if is_ppl and limit:
+        task.records = task.records[:limit]
+        n = len(task.records)
+    if task.skipped:
+        log.warning("%s: skipped %d row(s); first: %s", name, task.skipped, task.first_skipped)
+    key = f"{task.name.replace(':', '_').replace('/', '_')}-{task.digest}-ctx{window}"
+    cache = ItemCache(cache_root / fp / f"{key}.jsonl" if fp else None)
+    resumed = sum(1 for i in range(n) if i in cache.done)
+    t0 = time.perf_counter()
+    bar = _progress(n, task.name, "item", show)
+    try:
+        if is_ppl:
+            custom.run_ppl(lm, task, cache, bar)
+        else:
+            custom.run_taskfile(lm, task, cache, bar, batch_size)
+    finally:
+        bar.close()
+        cache.close()
+    if is_ppl:
+        metrics = custom.ppl_metrics([cache.done[i] for i in range(n)])
+    else:
+        metrics = custom.taskfile_metrics(task, cache.done)
+    preds = metrics.pop("predictions", None)
+    metrics.update(n=n - task.skipped, skipped=task.skipped, first_skipped=task.first_skipped,
+                   seconds=time.perf_counter() - t0, resumed_items=resumed, files=task.files)
+    results["tasks"][task.name] = metrics
+    if details:
+        results.setdefault("items", {})[task.name] = {
+            "predictions": preds, "rows": [cache.done.get(i) for i in range(n)]}
+    if record and model is not None:
+        model.card.add_metric(task.name, {k: v for k, v in metrics.items()
+                                          if k not in ("first_skipped", "shown", "files")}
+                              | {"limit": limit})
 
 
 def save_card(model, folder: str | Path) -> Path:

@@ -117,16 +117,21 @@ def default_data_dir() -> Path:
 
 
 def parse_tasks(tasks: str | list[str]) -> list[str]:
-    """"a,b" or ["a", "b"] -> known task names, in order. Raises InvalidArgument otherwise."""
+    """"a,b" or ["a", "b"] -> task names, in order: built-in names, ``gsm8k``, task-file
+    paths (``*.yaml``) and ``ppl:FILE``. Raises InvalidArgument for anything else."""
     names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks)]
     names = [n for n in names if n]
     if names == ["all"]:
         return list(TASKS)
-    unknown = [n for n in names if n not in TASKS]
+    from pocketlm.evaluate.custom import GENERATIVE, is_custom
+
+    unknown = [n for n in names if n not in TASKS and not is_custom(n)]
     if unknown or not names:
         known = "\n".join(f"  {t.name:14s} {t.description}" for t in TASKS.values())
+        known += "".join(f"\n  {g:14s} (generative, lm-eval's prompt, 5-shot)" for g in GENERATIVE)
         raise InvalidArgument(
-            f"unknown task(s) {unknown or names}; known tasks (or 'all'):\n{known}"
+            f"unknown task(s) {unknown or names}; known tasks (or 'all'), a task file "
+            f"(path ending .yaml) or ppl:FILE:\n{known}"
         )
     return list(dict.fromkeys(names))
 
