@@ -16,6 +16,29 @@ RESULTS = REPO / "bench" / "results"
 SHARED = REPO.parent / "shared"
 
 
+PEER = REPO / ".peer"
+
+
+def llama_bin(name: str, batched: bool = False) -> Path | None:
+    """A llama.cpp binary built by bench/build_llama_cpp.sh, or None if it is not built.
+
+    ``batched=True`` (prefill, perplexity) prefers the non-AMX AVX-512 build, which exists only
+    on AMX CPUs, where the native build segfaults in batched passes; otherwise the native one.
+    """
+    for build in (["build-avx512", "build"] if batched else ["build"]):
+        path = PEER / build / "bin" / name
+        if path.is_file():
+            return path
+    return None
+
+
+def llama_build_label(path: Path) -> str:
+    """Which build a llama.cpp binary came from, for the tables."""
+    return {"build": "native (GGML_NATIVE=ON)",
+            "build-avx512": "AVX-512 VNNI/BF16/VBMI, no AMX (GGML_NATIVE=OFF)"}.get(
+        path.parent.parent.name, str(path))
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:

