@@ -172,14 +172,19 @@ class EndpointLM:
 
     def _echo(self, prompt: str) -> dict:
         """Echoed prompt with per-token log-probs (lm-eval local-completions' request)."""
-        r = self._post("/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0,
-                                        "logprobs": 1, "echo": True})
+        need = ("log-likelihood tasks (multiple_choice, loglikelihood, ppl:) need a server whose "
+                "/v1/completions supports echo=true with logprobs (llama-server, vLLM); "
+                "generative tasks (generate_until, gsm8k) work with any server")
+        try:
+            r = self._post("/completions", {"prompt": prompt, "max_tokens": 1, "temperature": 0,
+                                            "logprobs": 1, "echo": True})
+        except EndpointError as e:
+            if "cannot reach" in str(e):
+                raise
+            raise EndpointError(f"{e}\n{need}") from None
         lp = (r.get("choices") or [{}])[0].get("logprobs") or {}
         if not lp.get("token_logprobs") or not lp.get("text_offset"):
-            raise EndpointError(
-                f"{self.base}/completions returned no echoed logprobs; log-likelihood tasks need a "
-                "server that supports echo=true with logprobs (llama-server, vLLM); generative "
-                "tasks (generate_until) work with any server")
+            raise EndpointError(f"{self.base}/completions returned no echoed logprobs; {need}")
         return lp
 
     def loglikelihood(self, items: list[tuple[str, list[str]]]) -> list[list[tuple[float, bool]]]:

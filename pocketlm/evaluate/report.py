@@ -1,9 +1,10 @@
 """``report(models, out)``: one page comparing models on size, quality, speed, memory, energy.
 
-Each model is measured in its own child process, so its peak memory is its own (``ru_maxrss``
-only ever grows within a process) and one model's caches never flatter the next. Quality comes
-from ``evaluate`` (cached per item, so a re-run is quick), speed and memory from
-``pocketlm.engine.bench.bench``, energy from ``energy.measure_generation``.
+Each model is measured in fresh child processes of its own: one loads it and runs
+``pocketlm.engine.bench.bench`` only, and its peak RSS (``VmHWM``, which a spawned process
+starts afresh) is the report's memory column, so neither another model nor the evaluation's
+batches of logits set it; another runs ``evaluate`` (cached per item, so a re-run is quick)
+and ``energy.measure_generation``. One model's caches never flatter the next.
 
 Output folder: ``report.md``, ``report.html``, ``report.json``, and the Pareto plots
 ``pareto_size.png`` (quality vs size on disk) and ``pareto_speed.png`` (quality vs decode
@@ -32,11 +33,45 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def measure_model(name: str, tasks: list[str], limit: int, pages: int, context: int,
-                  batch_size: int, data_dir, grid, threads) -> dict:
-    """Everything the report shows for one model (run in a child process)."""
-    from pocketlm.api import load, resolve
+def own_peak_rss_bytes() -> int:
+    """This process's own resident high-water mark.
+
+    ``VmHWM`` belongs to the address space, which ``exec`` replaces, so a spawned child starts
+    from zero; ``ru_maxrss`` survives ``exec`` and can carry the forking parent's peak over,
+    so it is only the fallback (macOS, no /proc).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    from pocketlm.engine.bench import peak_rss_bytes
+
+    return peak_rss_bytes()
+
+
+def measure_speed_memory(name: str, threads) -> dict:
+    """Load one model and time it, nothing else (run in a fresh child of its own).
+
+    The peak RSS is this load and bench alone: no other model, and none of the evaluation's
+    batches of logits, which would otherwise set the process's high-water mark.
+    """
+    from pocketlm.api import load
     from pocketlm.engine.bench import bench
+
+    m = load(name, threads=threads)
+    speed = bench(m.network, prompt_lengths=(128,), new_tokens=32)
+    return {"prefill_tokens_per_s": speed["prefill_tokens_per_s"],
+            "decode_tokens_per_s": speed["decode_tokens_per_s"],
+            "weight_bytes": speed["weight_bytes"], "threads": speed["threads"],
+            "peak_rss_bytes": own_peak_rss_bytes()}
+
+
+def measure_quality(name: str, tasks: list[str], limit: int, pages: int, context: int,
+                    batch_size: int, data_dir, grid, threads) -> dict:
+    """Quality and energy of one model (run in a child process of its own)."""
+    from pocketlm.api import load, resolve
     from pocketlm.evaluate.energy import measure_generation
     from pocketlm.evaluate.run import evaluate
 
@@ -51,35 +86,43 @@ def measure_model(name: str, tasks: list[str], limit: int, pages: int, context: 
                      batch_size=batch_size, data_dir=data_dir, progress=False, record=False)
         quality[t] = {k: v for k, v in r["tasks"][t].items() if isinstance(v, (int, float))}
     row["quality"] = quality
-    speed = bench(m.network, prompt_lengths=(128,), new_tokens=32)
-    row["prefill_tokens_per_s"] = speed["prefill_tokens_per_s"]
-    row["decode_tokens_per_s"] = speed["decode_tokens_per_s"]
-    row["weight_bytes"] = speed["weight_bytes"]
-    row["peak_rss_bytes"] = speed["peak_rss_bytes"]
     energy = measure_generation(m.network, new_tokens=32, grid_g_per_kwh=grid)
     row["joules_per_token"] = energy["joules_per_token"]
     row["g_co2_per_1k_tokens"] = energy["g_co2_per_1k_tokens"]
     row["energy_method"] = energy["method"]
-    row["threads"] = speed["threads"]
     return row
 
 
-def _child(args, conn):
+def measure_model(name: str, tasks: list[str], limit: int, pages: int, context: int,
+                  batch_size: int, data_dir, grid, threads) -> dict:
+    """Everything the report shows for one model: speed and memory in one fresh child,
+    quality and energy in another, so the peak RSS is the model's own."""
+    row = _measure_isolated(measure_quality, (name, tasks, limit, pages, context, batch_size,
+                                              data_dir, grid, threads))
+    row.update(_measure_isolated(measure_speed_memory, (name, threads)))
+    return row
+
+
+def _child(fn, args, conn):
     try:
-        conn.send(("ok", measure_model(*args)))
+        conn.send(("ok", fn(*args)))
     except Exception as e:  # noqa: BLE001 - the parent must always get an answer, never hang
         conn.send(("error", f"{type(e).__name__}: {e}"))
     finally:
         conn.close()
 
 
-def _measure_isolated(args) -> dict:
+def _measure_isolated(fn, args) -> dict:
+    """``fn(*args)`` in a fresh spawned interpreter; its result (a PocketError if it failed)."""
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(args, child))
+    p = ctx.Process(target=_child, args=(fn, args, child))
     p.start()
     child.close()
-    status, payload = parent.recv()
+    try:
+        status, payload = parent.recv()
+    except EOFError:  # killed (out of memory, a signal) before it could answer
+        status, payload = "error", f"the child process died (exit status {p.exitcode})"
     p.join()
     if status != "ok":
         raise PocketError(f"measuring {args[0]} failed: {payload}")
@@ -215,8 +258,8 @@ def report(
         task_paths(t, data_dir)  # missing data fails before any model loads
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [_measure_isolated((m, names, limit, pages, context, batch_size, data_dir,
-                               grid_g_per_kwh, threads)) for m in models]
+    rows = [measure_model(m, names, limit, pages, context, batch_size, data_dir,
+                          grid_g_per_kwh, threads) for m in models]
     grid = WORLD_GRID_G_PER_KWH if grid_g_per_kwh is None else grid_g_per_kwh
 
     plot(rows, lambda r: r["disk_bytes"] / 1e6, "size on disk (MB)  ← smaller is better", "lower",
