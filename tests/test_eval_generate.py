@@ -65,7 +65,7 @@ def test_generative_task_decodes_many_sequences_at_once(tiny_model, gen_task, tm
         return real(model, cache, tokens, positions)
 
     monkeypatch.setattr(scheduler, "decode_step", counting)
-    path, rows = gen_task
+    path, _ = gen_task
     r = evaluate(tiny_model, str(path), batch_size=4, cache_dir=tmp_path / "c", progress=False,
                  details=True)
     m = r["tasks"]["toy_gen"]
