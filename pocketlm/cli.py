@@ -22,6 +22,7 @@ _PLUGINS = [
     "pocketlm.compress.prune_commands",
     "pocketlm.train.commands",
     "pocketlm.serve.commands",
+    "pocketlm.recipes.commands",
 ]
 
 EPILOG = """examples:

@@ -1,0 +1,126 @@
+"""Recipes: shipped YAMLs validate against the step functions' signatures, bad recipes are
+refused with the line, quick.yaml runs end to end on a tiny model, re-runs skip and resume."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+from tiny import make_tiny_model
+
+import pocketlm
+from pocketlm.lock import OutputLocked
+from pocketlm.recipes.recipe import SHIPPED, STEPS, RecipeError, describe, parse, plan, run
+
+# quick.yaml's settings cut down to what a 2-layer model of width 64 needs
+TINY = ["finetune.steps=3", "finetune.eval_rows=4", "quantize.samples=4", "quantize.seq_len=64",
+        "evaluate.limit=1", "evaluate.context=128"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_tiny_model().save(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@pytest.mark.parametrize("path", sorted(SHIPPED.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path):
+    recipe = parse(path)
+    assert recipe.steps[0].kind == "load" and len(recipe.steps) >= 4
+    assert path.read_text().startswith(f"# pocketlm recipe run {path.stem}")  # says how to run it
+    assert {s.kind for s in recipe.steps} <= set(STEPS)
+
+
+def _bad(tmp_path, body: str) -> str:
+    f = tmp_path / "bad.yaml"
+    f.write_text(body)
+    with pytest.raises(RecipeError) as e:
+        parse(f)
+    return str(e.value)
+
+
+def test_bad_recipes_are_refused_with_the_line(tmp_path):
+    head = "steps:\n  - load: {model: smollm2-135m-instruct}\n"
+    msg = _bad(tmp_path, head + "  - quantise: {bits: 4}\n")
+    assert "line 3" in msg and "unknown step 'quantise'" in msg and "'quantize'" in msg
+    msg = _bad(tmp_path, head + "  - quantize:\n      method: gptq\n      bitz: 4\n")
+    assert "line 5" in msg and "no setting 'bitz'" in msg and "'bits'" in msg
+    assert "bits (int, default 8)" in msg  # the expected settings come from quantize's signature
+    msg = _bad(tmp_path, head + "  - quantize: {bits: four}\n")
+    assert "quantize.bits = 'four' is a str; expected int" in msg
+    msg = _bad(tmp_path, head + "  - finetune: {data: nowhere.csv, steps: 2}\n")
+    assert "line 3" in msg and "no file at" in msg and "nowhere.csv" in msg
+    msg = _bad(tmp_path, head + "  - distill: {data: bad.yaml}\n")
+    assert "distill needs student" in msg
+    assert "first step must be" in _bad(tmp_path, "steps:\n  - quantize: {bits: 4}\n")
+    assert "unknown key 'step'" in _bad(tmp_path, "step: []\n")
+
+
+def test_quick_recipe_end_to_end_on_a_tiny_model(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    recipe = parse("quick", TINY, model=str(tiny_folder))
+    rows = run(recipe, out)
+    assert [r["status"] for r in rows] == ["source"] + ["ran"] * 5
+    gguf = out / "06-export" / "quick.gguf"
+    exported = pocketlm.load(gguf)
+    quantized = pocketlm.load(out / "04-quantize")
+    ids = quantized.encode("the cat in the hat")
+    assert (exported.logits(ids) - quantized.logits(ids)).abs().max() < 1e-2  # codes kept (Q4_1)
+    card = json.loads((out / "04-quantize" / "card.json").read_text())
+    assert [s["step"] for s in card["steps"]] == ["finetune", "quantize"]
+    assert "wikitext2" in card["metrics"]  # the evaluate after it recorded on this card
+    for folder in ("03-finetune", "04-quantize", "06-export"):
+        assert "## Lineage" in (out / folder / "README.md").read_text()
+    quality = rows[4]["quality"]["wikitext2"]["word_perplexity"]
+    assert quality == card["metrics"]["wikitext2"]["word_perplexity"]
+    assert (out / "summary.md").is_file() and rows[3]["size_mb"] < rows[2]["size_mb"]
+
+    # nothing changed: every step is skipped
+    again = run(parse("quick", TINY, model=str(tiny_folder)), out)
+    assert [r["status"] for r in again[1:]] == ["skipped"] * 5
+    # a changed quantize setting re-runs quantize and what follows it, not the finetune
+    changed = parse("quick", TINY + ["quantize.bits=8", "quantize.group_size=0"],
+                    model=str(tiny_folder))
+    assert "skip (unchanged)" in describe(changed, out)
+    states = [st for _, _, st in plan(changed, out)]
+    assert states == ["source", "done", "done", "new", "new", "new"]
+
+
+def test_failed_step_stops_keeps_and_resumes(tiny_folder, tmp_path, monkeypatch):
+    import importlib
+
+    q = importlib.import_module("pocketlm.compress.quantize")  # the module, not the function
+    out = tmp_path / "run"
+    real = q.quantize
+
+    @functools.wraps(real)  # the same signature: it is the recipe's schema
+    def broken(*a, **k):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(q, "quantize", broken)
+    with pytest.raises(RecipeError, match=r"step 4 \(quantize, line \d+\) failed: simulated"):
+        run(parse("quick", TINY, model=str(tiny_folder)), out)
+    assert (out / "03-finetune" / "config.json").is_file()  # the finished steps stay
+    recipe = parse("quick", TINY, model=str(tiny_folder))
+    assert [st for _, _, st in plan(recipe, out)][3] == "interrupted"
+    monkeypatch.setattr(q, "quantize", real)
+    rows = run(recipe, out)
+    assert [r["status"] for r in rows[1:]] == ["skipped", "skipped", "ran", "ran", "ran"]
+
+
+def test_second_run_on_one_folder_is_refused(tiny_folder, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    hold = ("import sys, time\nfrom pocketlm.lock import output_lock\n"
+            "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n")
+    p = subprocess.Popen([sys.executable, "-c", hold, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "held"
+        with pytest.raises(OutputLocked, match=f"is being written by pid {p.pid}"):
+            run(parse("quick", TINY, model=str(tiny_folder)), out)
+        assert not (out / "02-evaluate").exists()  # refused before any step ran
+    finally:
+        p.kill()
+        p.wait()
