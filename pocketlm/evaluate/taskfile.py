@@ -452,9 +452,7 @@ def load_taskfile(
             return choices(doc)[a]
         return str(a[0] if isinstance(a, list) else a)
 
-    desc = cfg.get("description") or ""
-    if desc:
-        desc = env.from_string(desc).render() if "{" in desc else desc
+    desc = _Field("description", cfg.get("description") or "", env, columns, where)
     rnd = random.Random(1234)  # lm-eval's default fewshot_random_seed
     shown = docs[:limit] if limit else docs
     src = splits[test][0].name
@@ -473,7 +471,7 @@ def load_taskfile(
                 task.requests.append(Request("", text=str(target(doc) if "doc_to_target" in fields
                                                           else q)))
                 continue
-            ctx = desc + shots + str(q)
+            ctx = str(desc.raw(doc)) + shots + str(q)
             if ot == "multiple_choice":
                 ch = choices(doc)
                 gold = target(doc)
