@@ -75,3 +75,23 @@ def test_two_model_saves_of_one_folder(tmp_path, tiny_model):
         p.wait()
     tiny_model.save(out)
     assert (out / "config.json").is_file() and (out / "README.md").is_file()
+
+
+def test_finetune_and_quantize_refuse_a_folder_in_use(tmp_path, tiny_model, capsys):
+    from pocketlm.cli import main
+
+    src = tiny_model.save(tmp_path / "src")
+    data = tmp_path / "d.txt"
+    data.write_text("\n\n".join(f"the cat {i} sat on the mat" for i in range(40)))
+    out = tmp_path / "out"
+    p = _holder_process(out)
+    try:
+        for argv in (["finetune", str(src), "--data", str(data), "--steps", "1", "-o", str(out)],
+                     ["quantize", str(src), "--bits", "8", "-o", str(out)]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert f"pid {p.pid}" in err and "being written" in err
+        assert not out.exists()  # refused before anything was written
+    finally:
+        p.kill()
+        p.wait()

@@ -117,21 +117,24 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     check_settings(a.method, a.bits, group, keep)  # fail before the slow load
     check_tune_settings(a.tune_steps, a.tune_lr, a.tune_batch, a.tune_samples, a.tune_generated)
     out = Path(a.output)
-    model = load(a.model, threads=a.threads)
-    checkpoint = out.parent / (out.name + ".partial")
-    try:
-        q = quantize(model, a.method, a.bits, group, a.sym, keep, a.calibration, a.samples,
-                     a.seq_len, a.seed, a.act_order, a.damp, a.clip,
-                     checkpoint_dir=str(checkpoint), tune_steps=a.tune_steps,
-                     tune_lr=a.tune_lr, tune_batch=a.tune_batch, tune_norms=a.tune_norms,
-                     tune_samples=a.tune_samples, tune_generated=a.tune_generated, int8=int8,
-                     sequential=a.sequential)
-    except KeyboardInterrupt:
-        if checkpoint.is_dir():
-            print(f"finished work (layers, sampled windows, tuning steps) is saved in {checkpoint}; run the same "
-                  "command again to resume from there", file=sys.stderr)
-        raise
-    q.save(out)
+    from pocketlm.lock import output_lock
+
+    with output_lock(out):  # one writer of OUT and its .partial checkpoints, refused at once
+        model = load(a.model, threads=a.threads)
+        checkpoint = out.parent / (out.name + ".partial")
+        try:
+            q = quantize(model, a.method, a.bits, group, a.sym, keep, a.calibration, a.samples,
+                         a.seq_len, a.seed, a.act_order, a.damp, a.clip,
+                         checkpoint_dir=str(checkpoint), tune_steps=a.tune_steps,
+                         tune_lr=a.tune_lr, tune_batch=a.tune_batch, tune_norms=a.tune_norms,
+                         tune_samples=a.tune_samples, tune_generated=a.tune_generated,
+                         int8=int8, sequential=a.sequential)
+        except KeyboardInterrupt:
+            if checkpoint.is_dir():
+                print(f"finished work (layers, sampled windows, tuning steps) is saved in {checkpoint}; run the same "
+                      "command again to resume from there", file=sys.stderr)
+            raise
+        q.save(out)
     size = (out / "model.safetensors").stat().st_size
     fp32 = model.config.n_params * 4
     print(f"wrote {out}: model.safetensors {size / 1e6:.1f} MB = {100 * size / fp32:.1f}% of "

@@ -171,6 +171,17 @@ def _report(kind: str, model, out: str) -> None:
     print("; ".join(parts) + f" -> {out}")
 
 
+def _out_lock(out: str):
+    """The output folder's lock (``pocketlm.lock``), held by rank 0 only: under torchrun the
+    other ranks of the same run write nothing there."""
+    import contextlib
+    import os
+
+    from pocketlm.lock import output_lock
+
+    return output_lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+
+
 def cmd_finetune(a):
     import os
 
@@ -183,17 +194,18 @@ def cmd_finetune(a):
     targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
     from pocketlm.train.steps import finetune
 
-    model = finetune(
-        model,
-        data,
-        a.out,
-        _settings(a),
-        lora_rank=a.lora,
-        lora_alpha=a.lora_alpha,
-        lora_targets=targets,
-        merge=a.merge,
-        base_model=base,
-    )
+    with _out_lock(a.out):  # two runs on one -o would overwrite each other's checkpoints
+        model = finetune(
+            model,
+            data,
+            a.out,
+            _settings(a),
+            lora_rank=a.lora,
+            lora_alpha=a.lora_alpha,
+            lora_targets=targets,
+            merge=a.merge,
+            base_model=base,
+        )
     if os.environ.get("RANK", "0") == "0":
         _report("finetune", model, a.out)
 
@@ -209,18 +221,19 @@ def cmd_distill(a):
     teacher = load(a.teacher, threads=None)
     student = make_student(a.student, teacher, seed=a.seed)
     data = _data(a, teacher.tokenizer)
-    student = distill(
-        teacher,
-        student,
-        data,
-        a.out,
-        _settings(a),
-        loss=a.loss,
-        kd_weight=a.kd_weight,
-        temperature=a.temperature,
-        top_k=a.top_k,
-        cache_path=a.cache,
-    )
+    with _out_lock(a.out):
+        student = distill(
+            teacher,
+            student,
+            data,
+            a.out,
+            _settings(a),
+            loss=a.loss,
+            kd_weight=a.kd_weight,
+            temperature=a.temperature,
+            top_k=a.top_k,
+            cache_path=a.cache,
+        )
     if os.environ.get("RANK", "0") == "0":
         _report("distill", student, a.out)
 
