@@ -1,9 +1,12 @@
 """Text <-> token ids, and the chat template, built on the ``tokenizers`` library.
 
-From a GGUF file the byte-level BPE is rebuilt from its metadata (tokens, merges, token types)
-and the pre-tokenizer is chosen from ``tokenizer.ggml.pre`` with llama.cpp's exact meaning for
-each type we know; unknown types are refused rather than guessed. From a Hugging Face folder
-``tokenizer.json`` is used as it is.
+From a GGUF file the byte-level BPE ("gpt2") is rebuilt from its metadata (tokens, merges, token
+types) and the pre-tokenizer is chosen from ``tokenizer.ggml.pre`` with llama.cpp's exact meaning
+for each type we know; unknown types are refused rather than guessed. A SentencePiece-style
+vocabulary ("llama": Gemma's, with scores and no merges) becomes a BPE whose merges are ranked by
+the score of the piece they make, which is llama.cpp's rule (merge the adjacent pair whose union
+scores highest, leftmost first); characters outside the vocabulary fall back to <0xNN> bytes.
+From a Hugging Face folder ``tokenizer.json`` is used as it is.
 
 The chat template is rendered with jinja2 the way transformers' ``apply_chat_template`` does
 (sandboxed, ``trim_blocks`` and ``lstrip_blocks``, ``raise_exception``, ``tojson``).
@@ -24,6 +27,8 @@ _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Qwen2's: Llama 3's with single digits (llama.cpp's LLAMA_VOCAB_PRE_TYPE_QWEN2)
+_QWEN2_REGEX = _LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
 PRE_TOKENIZERS = {
     "gpt-2": "gpt2",
     "smollm": "digits",
@@ -32,6 +37,7 @@ PRE_TOKENIZERS = {
     "codeshell": "digits",
     "llama-bpe": "llama3",
     "llama3": "llama3",
+    "qwen2": "qwen2",
 }
 
 # Tokens that end an assistant turn in common chat formats (besides the EOS token itself).
@@ -51,14 +57,53 @@ def _pre_tokenizer(kind: str):
                 pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True),
             ]
         )
-    if kind == "llama3":
+    if kind in ("llama3", "qwen2"):
+        regex = _LLAMA3_REGEX if kind == "llama3" else _QWEN2_REGEX
         return pt.Sequence(
             [
-                pt.Split(Regex(_LLAMA3_REGEX), behavior="isolated", invert=False),
+                pt.Split(Regex(regex), behavior="isolated", invert=False),
                 pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
             ]
         )
     raise AssertionError(kind)
+
+
+def _sentencepiece_backend(meta: dict, tokens: list[str], types: list[int], vocab: dict, source: str):
+    """A SentencePiece-style vocabulary (GGUF "llama": pieces with scores, spaces as "▁") as a
+    ``tokenizers`` BPE that merges exactly as llama.cpp's SPM tokenizer does.
+
+    llama.cpp starts from single characters and repeatedly merges the adjacent pair whose union
+    is the highest-scoring piece (leftmost on ties); BPE merges the pair of lowest rank. So every
+    way of cutting a piece into two pieces is a merge, ranked by the score of the whole piece.
+    """
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+
+    scores = meta.get("tokenizer.ggml.scores")
+    if scores is None or len(scores) != len(tokens):
+        raise FormatError(f"{source}: a SentencePiece vocabulary needs tokenizer.ggml.scores")
+    if meta.get("tokenizer.ggml.add_space_prefix", True):  # Gemma 3 sets it False
+        raise UnsupportedModel(
+            f"{source}: SentencePiece tokenizers that add a space prefix (add_space_prefix) are "
+            "not supported yet; Gemma 3's, which adds none, is"
+        )
+    ranked = []  # llama.cpp merges into any piece of the vocabulary, whatever its type
+    for i, piece in enumerate(tokens):
+        for cut in range(1, len(piece)):
+            a, b = piece[:cut], piece[cut:]
+            ia, ib = vocab.get(a), vocab.get(b)
+            if ia is not None and ib is not None:
+                ranked.append((-scores[i], ia, ib, a, b))
+    ranked.sort()
+    merges = [(a, b) for _, _, _, a, b in ranked]
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    backend = HFTokenizer(models.BPE(
+        vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=False,
+        unk_token=tokens[unk] if isinstance(unk, int) else None))
+    backend.normalizer = normalizers.Replace(" ", "▁")  # llama.cpp: spaces -> "▁"
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return backend
 
 
 class Tokenizer:
@@ -84,24 +129,27 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         model = meta.get("tokenizer.ggml.model")
-        if model != "gpt2":
+        if model not in ("gpt2", "llama"):
             raise UnsupportedModel(
                 f"{source}: tokenizer type {model!r} is not supported; pocketlm reads byte-level "
-                "BPE ('gpt2') tokenizers from GGUF for now"
-            )
-        pre = meta.get("tokenizer.ggml.pre", "default")
-        if pre not in PRE_TOKENIZERS:
-            raise UnsupportedModel(
-                f"{source}: pre-tokenizer {pre!r} is not supported (known: "
-                f"{', '.join(sorted(PRE_TOKENIZERS))}); guessing would silently change token ids"
+                "BPE ('gpt2') and SentencePiece-style ('llama') tokenizers from GGUF"
             )
         tokens = meta["tokenizer.ggml.tokens"]
         types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
         vocab = {tok: i for i, tok in enumerate(tokens)}
-        backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        backend.pre_tokenizer = _pre_tokenizer(PRE_TOKENIZERS[pre])
-        backend.decoder = decoders.ByteLevel()
+        if model == "llama":
+            backend = _sentencepiece_backend(meta, tokens, types, vocab, source)
+        else:
+            pre = meta.get("tokenizer.ggml.pre", "default")
+            if pre not in PRE_TOKENIZERS:
+                raise UnsupportedModel(
+                    f"{source}: pre-tokenizer {pre!r} is not supported (known: "
+                    f"{', '.join(sorted(PRE_TOKENIZERS))}); guessing would silently change token ids"
+                )
+            merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+            backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+            backend.pre_tokenizer = _pre_tokenizer(PRE_TOKENIZERS[pre])
+            backend.decoder = decoders.ByteLevel()
         # CONTROL (3) tokens are special; USER_DEFINED (4) are matched verbatim but not special.
         added = [
             AddedToken(tok, special=(typ == 3), normalized=False)
