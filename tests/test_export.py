@@ -180,3 +180,40 @@ def test_llama_cpp_loads_the_exports(model, calib, tmp_path):
         line = next(s for s in (r.stdout + r.stderr).splitlines() if "Final estimate" in s)
         ppl = float(line.split("=")[1].split()[0])
         assert math.isfinite(ppl) and 1 < ppl < 1000
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_every_architecture_exports_as_llama_cpp_converts_it(arch, tmp_path):
+    """Each family's GGUF equals, tensor for tensor, what llama.cpp's converter writes for the
+    same transformers model (tests/tiny.py's reference), and reads back with equal logits; its
+    HF export gives transformers the source's logits."""
+    import gguf
+    import tiny
+    import transformers
+
+    if not hasattr(tiny, "make_hf_model"):
+        pytest.skip("tests/tiny.py has no transformers reference models yet")
+    hf = tiny.make_hf_model(arch)
+    m = pocketlm.load(tiny.save_hf_folder(hf, tmp_path / "src"))
+    ids = m.encode(PROMPT)
+    ours = {t.name: t for t in gguf.GGUFReader(str(write_gguf(m, tmp_path / "m.gguf", "f32"))).tensors}
+    ref = {t.name: t for t in gguf.GGUFReader(str(tiny.write_hf_as_gguf(hf, tmp_path / "r.gguf"))).tensors}
+    assert set(ours) == set(ref)
+    for name, t in ours.items():
+        np.testing.assert_array_equal(np.asarray(t.data), np.asarray(ref[name].data))
+    assert torch.equal(pocketlm.load(tmp_path / "m.gguf").logits(ids), m.logits(ids))
+    tm = transformers.AutoModelForCausalLM.from_pretrained(write_hf(m, tmp_path / "hf", "fp32"))
+    with torch.no_grad():
+        want = hf(torch.tensor([ids])).logits[0]
+        assert (tm(torch.tensor([ids])).logits[0] - want).abs().max().item() < 1e-4
+
+
+def test_what_gguf_cannot_say_is_refused_by_name(tmp_path):
+    import tiny
+
+    if not hasattr(tiny, "make_hf_model"):
+        pytest.skip("tests/tiny.py has no transformers reference models yet")
+    m = pocketlm.load(tiny.save_hf_folder(tiny.make_hf_model("gemma3-capped"), tmp_path / "src"))
+    with pytest.raises(ExportError, match="query_pre_attn_scalar=24.0 .* no key for it"):
+        write_gguf(m, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
