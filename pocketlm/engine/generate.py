@@ -105,7 +105,12 @@ class SequenceState:
         if p.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(self.prompt) | set(self.out)), dtype=torch.long)
             logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
-        tok = sample(logits, p, self.generator)
+        return self.push(sample(logits, p, self.generator), logprobs)
+
+    def push(self, tok: int, logprobs: torch.Tensor) -> Token:
+        """Append a token chosen elsewhere (speculative decoding's accept/reject) and apply
+        the stop rules; ``logprobs`` (V,) is the model's own log-softmax at that position."""
+        p = self.params
         top = []
         if p.top_logprobs:
             vals, ids = logprobs.topk(p.top_logprobs)
