@@ -1,6 +1,7 @@
 """Cross-check ``pocketlm eval`` against EleutherAI's lm-evaluation-harness on the same weights.
 
     .venv/bin/python bench/evaluate.py [--limit 300] [--pages 8] [--skip-peer]
+    .venv/bin/python bench/evaluate.py --taskfiles [--taskfile-limit 250] [--skip-peer]
 
 Both sides read the same local files (lm-eval through task configs written to a temporary
 folder: its own prompt templates, HellaSwag preprocessing, WikiText detokenizer and metric
@@ -9,6 +10,13 @@ saved with ``Model.save`` and lm-eval's transformers backend (HFLM, fp32, max_le
 context) loads that folder. The saved tokenizer.json carries the corrected pre-tokenizer
 (Digits + ByteLevel, see ../shared/golden/README.md), and the script checks that both
 tokenizers give the same ids on every prompt it compares.
+
+``--taskfiles`` runs the task YAMLs shipped in pocketlm/tasks/ (Banking77, Bitext intent,
+GSM8K 5-shot) through pocketlm, through lm-eval's ``hf`` backend on the same saved weights and
+the same YAMLs (only the data paths made absolute and the task names prefixed, so lm-eval's
+own ``gsm8k`` does not shadow ours), and through ``--endpoint`` against our own server started
+in this process; per-item agreement, metric differences and the wall time of each side go to
+the ``taskfiles`` key of bench/results/evaluate.json.
 
 Writes bench/results/evaluate.json and a section of BENCHMARKS.md. lm-eval is bench-only
 (``pip install lm-eval``); nothing in pocketlm or its tests imports it.
@@ -24,7 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED, append_section, markdown_table, write_results
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "tests"))  # serve_util
+from _common import SHARED, append_section, markdown_table, merge_results, write_results
 
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -149,6 +158,13 @@ def main() -> None:
     ap.add_argument("--finish-now", action="store_true",
                     help="write results from the stages finished so far, run nothing new")
     ap.add_argument("--no-write", action="store_true", help="print only (smoke test)")
+    ap.add_argument("--taskfiles", action="store_true",
+                    help="compare the shipped task YAMLs (pocketlm, lm-eval, our server) instead")
+    ap.add_argument("--taskfile-limit", type=int, default=250, help="items per task file (250)")
+    ap.add_argument("--batch-size", type=int, default=8,
+                    help="task files: items scored or decoded together, both sides (8)")
+    ap.add_argument("--skip-endpoint", action="store_true",
+                    help="task files: do not run them through our own server")
     a = ap.parse_args()
 
     import torch
@@ -157,9 +173,20 @@ def main() -> None:
     from pocketlm.evaluate.perplexity import wikitext_pages
     from pocketlm.evaluate.run import evaluate
 
-    model = pocketlm.load("smollm2-135m-instruct", threads=a.threads)
+    # dtype fp32: the GGUF's packed Q4_1 dequantized, the weights lm-eval's side reads too
+    model = pocketlm.load("smollm2-135m-instruct", dtype=torch.float32, threads=a.threads)
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
+    if a.taskfiles:
+        # Both sides run the same fp32 weights: lm-eval's hf backend reads them from a Hugging
+        # Face folder written from the dequantized model.
+        model_dir = work / "model-hf-fp32"
+        if not (model_dir / "config.json").is_file():
+            from pocketlm.formats.export import write_hf
+
+            write_hf(model, model_dir, dtype="fp32", force=True)
+        taskfile_bench(a, model, model_dir)
+        return
     pages = wikitext_pages((DATA / "wikitext-2-raw/wiki.test.raw").read_text())[: a.pages]
 
     # Each stage (one task, one side) is saved as it finishes, so a run that is stopped keeps
@@ -184,9 +211,11 @@ def main() -> None:
         if a.skip_peer or f"peer:{t}" in stages:
             continue
         if lm is None:
-            model_dir = work / "model"
-            if not (model_dir / "config.json").is_file():
-                model.save(model_dir)
+            model_dir = work / "model-hf-fp32"
+            if not (model_dir / "config.json").is_file():  # packed GGUF weights, dequantized
+                from pocketlm.formats.export import write_hf
+
+                write_hf(model, model_dir, dtype="fp32", force=True)
             write_lm_eval_tasks(work / "tasks", pages)
             lm = make_hflm(model_dir, a.context, 8)
         stages[f"peer:{t}"] = run_lm_eval_task(lm, work / "tasks", f"local_{t}",
@@ -366,6 +395,168 @@ def main() -> None:
                 f"{e['g_co2_per_1k_tokens']:.3f} g CO2 per 1,000 tokens at "
                 f"{e['grid_g_co2_per_kwh']:.0f} g/kWh; method: {e['method']}.")
     append_section("Evaluation vs lm-evaluation-harness", "\n".join(body))
+
+
+# -- task files: pocketlm vs lm-eval vs our own server ----------------------------------------
+TASKFILES = ["banking77", "bitext_intent", "gsm8k"]
+
+
+def lm_eval_copy(src: Path, folder: Path) -> str:
+    """The same YAML for lm-eval: data paths absolute, the task renamed pl_<name>."""
+    import yaml
+
+    cfg = yaml.safe_load(src.read_text())
+    cfg["task"] = "pl_" + cfg["task"]
+    cfg["dataset_kwargs"]["data_files"] = {
+        k: str(DATA / v) for k, v in cfg["dataset_kwargs"]["data_files"].items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / src.name).write_text(yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True))
+    return cfg["task"]
+
+
+def peer_items(samples: list[dict], output_type: str) -> dict:
+    """lm-eval's logged samples -> per-doc prediction (argmax choice, or generated text)."""
+    by_doc = {}
+    for s in samples:
+        resps = s["resps"]
+        if output_type == "multiple_choice":
+            by_doc[s["doc_id"]] = max(range(len(resps)), key=lambda i: float(resps[i][0][0]))
+        else:
+            by_doc[s["doc_id"]] = resps[0][0]
+    return by_doc
+
+
+def taskfile_bench(a, model, model_dir: Path) -> None:
+    from serve_util import ServerThread
+
+    from pocketlm.evaluate.backends import EndpointLM
+    from pocketlm.evaluate.custom import TASKS_DIR
+    from pocketlm.evaluate.run import evaluate
+    from pocketlm.serve.app import create_app
+
+    work = Path(a.work)
+    stage_file = work / f"taskfile-stages-{a.taskfile_limit}.json"
+    stages = json.loads(stage_file.read_text()) if stage_file.is_file() else {}
+
+    def save():
+        tmp = stage_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stages))
+        os.replace(tmp, stage_file)
+
+    lm = None
+    n = a.taskfile_limit
+    for name in TASKFILES:
+        src = TASKS_DIR / f"{name}.yaml"
+        if f"ours:{name}" not in stages:
+            t0 = time.perf_counter()
+            r = evaluate(model, str(src) if name != "gsm8k" else "gsm8k", limit=n,
+                         data_dir=DATA, batch_size=a.batch_size, use_cache=False, details=True,
+                         record=False)
+            (task_name, m), = r["tasks"].items()
+            stages[f"ours:{name}"] = {"metrics": m, "seconds": time.perf_counter() - t0,
+                                      "predictions": r["items"][task_name]["predictions"]}
+            save()
+        if not a.skip_peer and f"peer:{name}" not in stages:
+            if lm is None:
+                lm = make_hflm(model_dir, 4096, a.batch_size)  # the scheduler's row length
+            peer_name = lm_eval_copy(src, work / "yaml")
+            out = run_lm_eval_task_full(lm, work / "yaml", peer_name, n)
+            stages[f"peer:{name}"] = out
+            stages["peer_version"] = __import__("lm_eval").__version__
+            save()
+        if not a.skip_endpoint and f"endpoint:{name}" not in stages:
+            with ServerThread(create_app({"default": model}, max_batch=a.batch_size,
+                                         max_queue=4 * n)) as url:
+                t0 = time.perf_counter()
+                try:
+                    r = evaluate(None, str(src) if name != "gsm8k" else "gsm8k", limit=n,
+                                 data_dir=DATA, endpoint=EndpointLM(url, "default",
+                                                                    concurrency=a.batch_size),
+                                 use_cache=False, details=True, record=False)
+                    (task_name, m), = r["tasks"].items()
+                    stages[f"endpoint:{name}"] = {
+                        "metrics": m, "seconds": time.perf_counter() - t0,
+                        "predictions": r["items"][task_name]["predictions"]}
+                except Exception as e:  # noqa: BLE001 (record why, keep the other tasks)
+                    stages[f"endpoint:{name}"] = {"error": f"{type(e).__name__}: {e}"}
+            save()
+
+    figures = {"model": "smollm2-135m-instruct, its Q4_1 GGUF dequantized to an fp32 HF folder "
+                        "(both sides)", "items": n, "threads": __import__("torch").get_num_threads(),
+               "batch_size": a.batch_size, "peer": stages.get("peer_version"), "tasks": {}}
+    rows = []
+    for name in TASKFILES:
+        ours = stages.get(f"ours:{name}")
+        if not ours:
+            continue
+        m = ours["metrics"]
+        keys = list(m["shown"])
+        entry = {"ours": {k: m[k] for k in keys}, "ours_seconds": ours["seconds"], "n": m["n"]}
+        peer = stages.get(f"peer:{name}")
+        if peer:
+            pm = peer["results"]
+            entry["peer"] = {k: pm.get(k if "," in k else f"{k},none") for k in keys}
+            entry["peer_seconds"] = peer["seconds"]
+            entry["metric_diff_points"] = {
+                k: 100 * (entry["ours"][k] - entry["peer"][k]) for k in keys
+                if entry["peer"][k] is not None}
+            by_doc = peer_items(peer["samples"], peer["output_type"])
+            same = sum(by_doc.get(i) == p for i, p in enumerate(ours["predictions"]))
+            entry["items_identical_percent"] = 100 * same / len(ours["predictions"])
+        ep = stages.get(f"endpoint:{name}")
+        if ep:
+            if "error" in ep:
+                entry["endpoint_error"] = ep["error"]
+            else:
+                entry["endpoint"] = {k: ep["metrics"][k] for k in keys}
+                entry["endpoint_seconds"] = ep["seconds"]
+                entry["endpoint_items_identical_percent"] = 100 * sum(
+                    x == y for x, y in zip(ep["predictions"], ours["predictions"])
+                ) / len(ours["predictions"])
+        figures["tasks"][name] = entry
+        for k in keys:
+            rows.append([name, k, 100 * entry["ours"][k],
+                         100 * entry["peer"][k] if peer and entry["peer"][k] is not None else "-",
+                         f"{entry.get('items_identical_percent', float('nan')):.1f}",
+                         100 * entry["endpoint"][k] if "endpoint" in entry else
+                         ("unsupported" if "endpoint_error" in entry else "-"),
+                         f"{ours['seconds']:.0f}",
+                         f"{peer['seconds']:.0f}" if peer else "-"])
+    print(json.dumps(figures, indent=2))
+    if a.no_write:
+        return
+    merge_results("evaluate", "taskfiles", figures)
+    body = [(f"Task YAMLs shipped in `pocketlm/tasks/`, first {n} items each, default model "
+             f"(fp32), batch {a.batch_size}, {figures['threads']} thread(s); peer: lm-eval "
+             f"{figures['peer'] or 'not run'} `hf` backend on the same saved weights and the "
+             "same YAMLs (max_length 4096, as our scheduler's rows); endpoint: the same YAMLs "
+             "through `--endpoint` against `pocketlm serve` started in the bench process.\n"),
+            markdown_table(["task", "metric", "ours %", "lm-eval %", "items identical %",
+                            "via endpoint %", "ours s", "lm-eval s"], rows)]
+    errs = {k: v["endpoint_error"] for k, v in figures["tasks"].items() if "endpoint_error" in v}
+    if errs:
+        body.append("\nThrough our server, log-likelihood tasks need `echo` with `logprobs` on "
+                    "/v1/completions, which `pocketlm serve` does not offer yet: "
+                    + "; ".join(f"{k}: {v.splitlines()[0]}" for k, v in errs.items()))
+    append_section("Task files vs lm-evaluation-harness (and through our server)", "\n".join(body))
+
+
+def run_lm_eval_task_full(lm, task_dir: Path, task: str, limit: int | None) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    t0 = time.perf_counter()
+    tm = TaskManager(include_path=str(task_dir))
+    r = simple_evaluate(model=lm, tasks=[task], task_manager=tm, limit=limit, log_samples=True,
+                        bootstrap_iters=0)
+    samples = r["samples"][task]
+    first_filter = samples[0].get("filter") if samples else None
+    samples = [s for s in samples if s.get("filter") == first_filter]
+    output_type = r["configs"][task]["output_type"]
+    return {"results": {k: v for k, v in r["results"][task].items()
+                        if isinstance(v, (int, float))},
+            "samples": [{"doc_id": s["doc_id"], "resps": s["resps"]} for s in samples],
+            "output_type": output_type, "seconds": time.perf_counter() - t0}
 
 
 if __name__ == "__main__":
