@@ -1,15 +1,16 @@
-"""Our int4 decode with the kernels built for VNNI against the same kernels built without it.
+"""Our quantized decode in each kernel build this CPU runs, side by side.
 
     .venv/bin/python bench/kernel_isa.py [--threads 2] [--rounds 5] [--tokens 128]
 
-Where the CPU has AVX512-VNNI (with VL) or AVX-VNNI, the int4/int3 dot products are one
-``vpdpbusd`` each instead of ``maddubs`` + ``madd`` (``pocketlm/kernels/kernels.h``,
-``dot_u8s8``). Each round runs one process per build, alternating (VNNI, then
-``POCKETLM_NO_VNNI=1``), each timing batch-1 decode of SmolLM2-135M int4 g128 (RTN, asymmetric:
-the GPTQ grid; speed does not depend on how the codes were chosen) and, as a control, int8
-(whose kernel has no integer dot product, so the two builds should tie). Medians over rounds.
-Writes the ``kernel_isa`` key of bench/results/compress.json and a dated section in
-BENCHMARKS.md. On a CPU without VNNI both builds are the same and the script says so.
+The kernels are built per instruction set (``POCKETLM_ISA``, ``pocketlm/kernels``): ``avx2``
+(integer dot products through maddubs + madd), ``avx2+vnni`` (one ``vpdpbusd`` per block on
+256-bit vectors) and ``avx512`` (one ``vpdpbusd`` per pair of blocks on 512-bit vectors). All
+three give the same numbers bit for bit (tests/test_kernels_isa.py); this measures what each
+costs. Each round runs one process per build, alternating, each timing batch-1 decode of
+SmolLM2-135M int4 g128 (RTN, asymmetric: the GPTQ grid; speed does not depend on how the codes
+were chosen), int8 with fp32 activations and int8 with int8 activations
+(``POCKETLM_INT8_ACT=1``). Medians over rounds. Writes the ``kernel_isa`` key of
+bench/results/compress.json and a dated section in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import append_section, markdown_table, merge_results
 
 CHILD = """
-import json, sys, torch
+import json, os, sys, torch
 import pocketlm
 from pocketlm.compress.qlinear import backend
 from pocketlm.compress.quantize import quantize
@@ -35,21 +36,28 @@ threads, tokens = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(threads)
 fp32 = pocketlm.load("smollm2-135m-instruct", threads=threads)
 out = {"backend": backend()}
-for name, q in (("int4", quantize(fp32, "rtn", 4, 128, sym=False, progress=False)),
-                ("int8", quantize(fp32, "rtn", 8, progress=False))):
+int8 = quantize(fp32, "rtn", 8, progress=False)
+for name, q, act in (("int4", quantize(fp32, "rtn", 4, 128, sym=False, progress=False), "0"),
+                     ("int8", int8, "0"), ("int8_q8act", int8, "1")):
+    os.environ["POCKETLM_INT8_ACT"] = act
     time_decode(q.network, new_tokens=8)  # warm-up
     out[name] = 1 / time_decode(q.network, new_tokens=tokens)
 print(json.dumps(out))
 """
+MODELS = ("int4", "int8", "int8_q8act")
 
 
-def run_child(no_vnni: bool, threads: int, tokens: int) -> dict:
-    env = {**os.environ, **({"POCKETLM_NO_VNNI": "1"} if no_vnni else {})}
+def run_child(isa: str, threads: int, tokens: int) -> dict:
+    env = {**os.environ, "POCKETLM_ISA": isa}
+    env.pop("POCKETLM_NO_VNNI", None)
     r = subprocess.run([sys.executable, "-c", CHILD, str(threads), str(tokens)], env=env,
                        capture_output=True, text=True, check=False)
     if r.returncode:
         sys.exit(f"decode run failed:\n{r.stderr[-2000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    if out["backend"] != isa:
+        sys.exit(f"expected the {isa} build, got {out['backend']}")
+    return out
 
 
 def main() -> None:
@@ -59,38 +67,34 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=128)
     a = ap.parse_args()
-    from pocketlm.kernels import isa
+    from pocketlm.kernels import supported_isas
 
-    if isa() == "avx2":
-        print("this CPU has no VNNI: both builds are the AVX2 one; nothing to compare")
+    isas = supported_isas()
+    if len(isas) < 2:
+        print(f"this CPU runs one build only ({isas}); nothing to compare")
         return
-    runs: dict[str, list] = {f"{b}_{m}": [] for b in ("vnni", "avx2") for m in ("int4", "int8")}
+    runs: dict[str, list] = {f"{b} {m}": [] for b in isas for m in MODELS}
     for r in range(a.rounds):
-        for build, no_vnni in (("vnni", False), ("avx2", True)):
-            out = run_child(no_vnni, a.threads, a.tokens)
-            want = "avx2" if no_vnni else "avx2+vnni"
-            if out["backend"] != want:
-                sys.exit(f"expected the {want} build, got {out['backend']}")
-            for m in ("int4", "int8"):
-                runs[f"{build}_{m}"].append(out[m])
+        for isa in isas:
+            out = run_child(isa, a.threads, a.tokens)
+            for m in MODELS:
+                runs[f"{isa} {m}"].append(out[m])
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in runs.items()),
               file=sys.stderr)
     med = {k: statistics.median(v) for k, v in runs.items()}
-    fig = {"threads": a.threads, "rounds": a.rounds, "decode_tokens": a.tokens,
+    fig = {"threads": a.threads, "rounds": a.rounds, "decode_tokens": a.tokens, "isas": isas,
            "all_runs_tokens_per_s": runs}
-    for m in ("int4", "int8"):
-        fig[f"vnni_{m}_decode_tokens_per_s"] = med[f"vnni_{m}"]
-        fig[f"avx2_{m}_decode_tokens_per_s"] = med[f"avx2_{m}"]
-        fig[f"ratio_{m}_vnni_over_avx2"] = med[f"vnni_{m}"] / med[f"avx2_{m}"]
+    for k, v in med.items():
+        fig[f"{k.replace(' ', '_').replace('+', '_')}_decode_tokens_per_s"] = v
     merge_results("compress", "kernel_isa", fig)
-    table = markdown_table(
-        ["model", "VNNI build tok/s", "AVX2 build tok/s", "VNNI / AVX2"],
-        [[m, med[f"vnni_{m}"], med[f"avx2_{m}"], med[f"vnni_{m}"] / med[f"avx2_{m}"]]
-         for m in ("int4", "int8")])
+    table = markdown_table(["model"] + [f"{b} tok/s" for b in isas] + [f"{isas[-1]} / avx2"],
+                           [[m] + [med[f"{b} {m}"] for b in isas]
+                            + [med[f"{isas[-1]} {m}"] / med[f"avx2 {m}"]] for m in MODELS])
     print(table)
-    append_section("int4 decode: kernels built with VNNI vs without (bench/kernel_isa.py)", f"""
+    append_section("Quantized decode in each kernel build (bench/kernel_isa.py)", f"""
 {a.threads} thread(s), batch 1, {a.tokens} new tokens; {a.rounds} rounds, each a process per
-build, alternating; medians. int8's kernel has no integer dot product: the control.
+build, alternating; medians. int8_q8act: int8 weights with activations rounded to int8
+(POCKETLM_INT8_ACT=1).
 
 {table}
 """)

@@ -81,7 +81,10 @@ def test_bf16_prefill_switch(monkeypatch):
     monkeypatch.setattr(kernels, "cpu_has_bf16", lambda: False)
     assert not kernels.bf16_prefill()  # never an emulated bf16 GEMM
     monkeypatch.delenv("POCKETLM_BF16_PREFILL")
-    assert not kernels.bf16_prefill()
+    monkeypatch.setattr(kernels, "cpu_has_bf16", lambda: True)
+    for amx in (True, False):  # the default: on where it was measured to win (AMX)
+        monkeypatch.setattr(kernels, "cpu_has_amx", lambda amx=amx: amx)
+        assert kernels.bf16_prefill() == amx
 
 
 # -- training -------------------------------------------------------------------------------------

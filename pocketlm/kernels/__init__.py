@@ -119,10 +119,12 @@ def isa() -> str:
     return "avx2+vnni" if len(flags) > len(BASE_FLAGS) else "avx2"
 
 
-# Prefill in bf16 (measured on the 2-core AMD EPYC with AVX512-BF16, no AMX, see
-# BF16_PREFILL_DEFAULT): oneDNN multiplies bf16 with fp32 accumulation; activations are
-# rounded to bf16 on the way in and the product on the way out, the residual stream stays fp32.
-BF16_PREFILL_DEFAULT = False
+# Prefill in bf16: oneDNN multiplies bf16 with fp32 accumulation; activations are rounded to
+# bf16 on the way in and the product on the way out, the residual stream stays fp32. On by
+# default only with AMX, where oneDNN's bf16 GEMM ran ~2,050 GFLOP/s against ~300 for fp32
+# (512 x 576 x 1536, 2-core Sapphire Rapids, issue 20). With AVX512-BF16 alone (2-core AMD
+# EPYC, Zen 4) bf16 lost: 0.6x fp32's GFLOP/s on the prefill shapes, A B A B, so there it is
+# off unless asked for.
 
 
 @lru_cache(maxsize=1)
@@ -135,13 +137,19 @@ def cpu_has_bf16() -> bool:
                for c in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
+@lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    import torch
+
+    return bool(getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", lambda: False)())
+
+
 def bf16_prefill() -> bool:
-    """Whether prefill-sized products (more than ``MAX_ROWS`` rows, no gradients) run in bf16.
-    ``POCKETLM_BF16_PREFILL=1``/``0`` turns it on/off; by default it is on only where the CPU
-    has bf16 GEMMs and ``BF16_PREFILL_DEFAULT`` says they won on such a CPU. Never on a CPU
-    without them (an emulated bf16 GEMM is slower than fp32)."""
+    """Whether prefill-sized products (more than 8 rows, no gradients) run in bf16.
+    ``POCKETLM_BF16_PREFILL=1``/``0`` turns it on/off; by default it is on where the CPU has
+    AMX (see above). Never on a CPU without bf16 GEMMs (an emulated one is slower than fp32)."""
     env = os.environ.get("POCKETLM_BF16_PREFILL")
-    want = BF16_PREFILL_DEFAULT if env is None else env == "1"
+    want = cpu_has_amx() if env is None else env == "1"
     return want and cpu_has_bf16()
 
 
