@@ -215,13 +215,15 @@ def _from_hub(repo_id: str) -> Path:
         ) from None
 
 
-def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: torch.dtype = torch.float32,
+def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: torch.dtype | None = None,
          threads: int | None = None) -> Model:
     """Load a model by name (see ``pocketlm list``), GGUF file, or Hugging Face/pocketlm folder.
 
-    Weights are dequantized to ``dtype`` (fp32 by default). Raises ModelNotFound, FormatError
-    (truncated or corrupted files) or UnsupportedModel (architectures or tensor types we do
-    not run), each with a message that says what to do.
+    With ``dtype=None`` (the default) a GGUF file's quantized and 16-bit tensors stay in their
+    packed form in memory and the kernels compute from them (``model/ggml.py``); other weights
+    load as fp32. ``dtype=torch.float32`` or ``torch.bfloat16`` dequantizes every weight to that
+    dtype. Raises ModelNotFound, FormatError (truncated or corrupted files) or UnsupportedModel
+    (architectures or tensor types we do not run), each with a message that says what to do.
     """
     set_threads(threads)
     path = resolve(name_or_path)
@@ -232,7 +234,7 @@ def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: torch.dtype =
     if path.is_file() and path.suffix == ".gguf" or path.is_file() and _is_gguf(path):
         f = gguf_format.GGUFFile(path)
         config = gguf_format.read_config(f)
-        state = gguf_format.read_state_dict(f, config)
+        state = None if dtype is None else gguf_format.read_state_dict(f, config)
         tokenizer = Tokenizer.from_gguf_metadata(f.metadata, source=path.name)
         known = next((k for k in registry.KNOWN.values() if path.name == Path(k.member).name), None)
         card = Card(
@@ -256,12 +258,14 @@ def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: torch.dtype =
     else:
         raise FormatError(f"{path} is neither a .gguf file nor a model folder")
     qconfig = _quantization_config(path)
-    if qconfig:  # a quantized folder: swap in the modules that compute from packed weights
+    if state is None:  # a GGUF file, kept packed
+        network = build_gguf_network(f, config, source=str(path))
+    elif qconfig:  # a quantized folder: swap in the modules that compute from packed weights
         from pocketlm.compress.qlinear import build_quantized_network
 
-        network = build_quantized_network(config, state, qconfig, dtype)
+        network = build_quantized_network(config, state, qconfig, dtype or torch.float32)
     else:
-        network = build_network(config, state, dtype, source=str(path))
+        network = build_network(config, state, dtype or torch.float32, source=str(path))
     return Model(network, tokenizer, card)
 
 
@@ -300,6 +304,63 @@ def build_network(config: ModelConfig, state: dict, dtype=torch.float32, source:
     if config.tie_embeddings:
         network.lm_head.weight = network.embed_tokens.weight
     return speed_up(network.to(dtype)).eval()
+
+
+def build_gguf_network(f, config: ModelConfig, source: str = "") -> Transformer:
+    """The network of a GGUF file with its quantized and 16-bit weights kept as the file's
+    bytes (``model/ggml.py``: views of the memory-mapped file, no copy; LLaMA's Q/K rows are
+    un-permuted as whole rows of blocks), F32 tensors (norms, biases) loaded as fp32.
+
+    Raises UnsupportedModel naming a tensor type we cannot compute from.
+    """
+    from pocketlm.model import ggml
+
+    packed, small = {}, {}
+    for name, ours, heads in gguf_format.tensor_map(f, config):
+        t = f.tensors[name]
+        qtype = int(t.tensor_type)
+        module, _, kind = ours.rpartition(".")
+        if kind == "weight" and len(t.shape) == 2 and qtype != 0:  # 0: F32
+            ggml.check_type(qtype, name)
+            n, k = int(t.shape[1]), int(t.shape[0])  # GGUF lists columns first
+            blocks = ggml.blocks_from_numpy(t.data, n)
+            if heads is not None:  # whole rows of blocks move: the bytes can be permuted
+                blocks = torch.from_numpy(gguf_format.unpermute(blocks.numpy(), heads).copy())
+            packed[module] = (qtype, n, k, blocks)
+        else:
+            w = gguf_format.dequantize(t)
+            small[ours] = torch.from_numpy(gguf_format.unpermute(w, heads) if heads else w)
+    with torch.device("meta"):
+        network = Transformer(config)
+    network = network.to_empty(device="cpu")  # untouched memory: the packed modules replace most
+    network.init_rope()
+    for module, (qtype, n, k, blocks) in packed.items():
+        if module == "embed_tokens":
+            new = ggml.GGMLEmbedding(qtype, n, k, blocks)
+        else:
+            new = ggml.GGMLLinear(qtype, n, k, blocks, bias=small.get(f"{module}.bias"))
+        ggml.set_module(network, module, new)
+    if config.tie_embeddings:
+        if "embed_tokens" in packed:
+            network.lm_head = ggml.TiedGGMLHead(network.embed_tokens)
+        else:
+            small["lm_head.weight"] = small["embed_tokens.weight"]
+    expected = {k for k, _ in network.named_parameters()}
+    missing = sorted(expected - set(small))
+    if missing:
+        raise FormatError(f"{source}: weights missing for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    for name, t in small.items():
+        if name not in expected and name != "lm_head.weight":
+            raise FormatError(f"{source}: unexpected tensor {name!r}")
+        target = network.get_parameter(name)
+        if target.shape != t.shape:
+            raise FormatError(
+                f"{source}: {name} has shape {tuple(t.shape)}, the config implies {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(t)
+    if config.tie_embeddings and "embed_tokens" not in packed:
+        network.lm_head.weight = network.embed_tokens.weight
+    return speed_up(network).eval()
 
 
 def _is_gguf(path: Path) -> bool:
