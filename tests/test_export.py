@@ -50,7 +50,7 @@ def test_gguf_f32_round_trip_is_exact(model, tmp_path):
 
     path = write_gguf(model, tmp_path / "m.gguf", "f32")
     ids = model.encode(PROMPT)
-    back = pocketlm.load(path)
+    back = pocketlm.load(path, dtype=torch.float32)
     assert back.encode(PROMPT) == ids  # the tokenizer travels: vocabulary, merges, pre-tokenizer
     assert back.tokenizer.chat_template == model.tokenizer.chat_template
     assert torch.equal(back.logits(ids), model.logits(ids))
@@ -68,7 +68,7 @@ def test_gguf_f32_round_trip_is_exact(model, tmp_path):
 
 def test_gguf_f16_within_half_precision(model, tmp_path):
     ids = model.encode(PROMPT)
-    back = pocketlm.load(write_gguf(model, tmp_path / "m.gguf"))  # auto on a float model: F16
+    back = pocketlm.load(write_gguf(model, tmp_path / "m.gguf"), dtype=torch.float32)  # auto on a float model: F16
     ref = model.logits(ids)
     err = (back.logits(ids) - ref).abs().max().item()
     assert 0 < err < 1e-2 * ref.abs().max().item()
@@ -87,7 +87,7 @@ def test_gptq_int4_g32_symmetric_becomes_q4_0_bit_exact(model, calib, tmp_path):
     w = gguf.quants.dequantize(down.data, down.tensor_type).reshape(mod.out_features, -1)
     assert np.array_equal(w, mod.dequantize().numpy())  # every weight, bit for bit
     ids = model.encode(PROMPT)
-    back = pocketlm.load(path)
+    back = pocketlm.load(path, dtype=torch.float32)
     assert torch.equal(back.logits(ids), q.logits(ids))
 
 
@@ -119,7 +119,7 @@ def test_gptq_int4_g32_asymmetric_becomes_q4_1_keeping_codes(model, calib, tmp_p
         exact = -mod.zeros.numpy().astype(np.float64) * d.astype(np.float64)
         assert np.all(np.abs(m - exact) <= np.abs(exact) * 2.0**-11 + 2.0**-25)
     ids = model.encode(PROMPT)
-    err = (pocketlm.load(path).logits(ids) - q.logits(ids)).abs().max().item()
+    err = (pocketlm.load(path, dtype=torch.float32).logits(ids) - q.logits(ids)).abs().max().item()
     assert err < 1e-2
 
 
@@ -128,7 +128,7 @@ def test_grids_gguf_cannot_express_are_refused(model, tmp_path):
     with pytest.raises(ExportError, match="int3 symmetric .* no GGUF block type"):
         write_gguf(q3, tmp_path / "q3.gguf", "auto")
     assert not list(tmp_path.iterdir())  # nothing half-written is left
-    back = pocketlm.load(write_gguf(q3, tmp_path / "q3.gguf", "q4_0"))  # requantize, asked for
+    back = pocketlm.load(write_gguf(q3, tmp_path / "q3.gguf", "q4_0"), dtype=torch.float32)  # requantize, asked for
     assert back.config.n_layers == 2
 
 
@@ -201,7 +201,7 @@ def test_every_architecture_exports_as_llama_cpp_converts_it(arch, tmp_path):
     assert set(ours) == set(ref)
     for name, t in ours.items():
         np.testing.assert_array_equal(np.asarray(t.data), np.asarray(ref[name].data))
-    assert torch.equal(pocketlm.load(tmp_path / "m.gguf").logits(ids), m.logits(ids))
+    assert torch.equal(pocketlm.load(tmp_path / "m.gguf", dtype=torch.float32).logits(ids), m.logits(ids))
     tm = transformers.AutoModelForCausalLM.from_pretrained(write_hf(m, tmp_path / "hf", "fp32"))
     with torch.no_grad():
         want = hf(torch.tensor([ids])).logits[0]
@@ -217,3 +217,34 @@ def test_what_gguf_cannot_say_is_refused_by_name(tmp_path):
     with pytest.raises(ExportError, match="query_pre_attn_scalar=24.0 .* no key for it"):
         write_gguf(m, tmp_path / "m.gguf")
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def real_model():
+    from pocketlm.formats import registry
+
+    if not registry.stored_path("smollm2-135m-instruct"):
+        pytest.skip("smollm2-135m-instruct is not pulled (pocketlm pull smollm2-135m-instruct)")
+    return pocketlm.load("smollm2-135m-instruct", dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_real_model_gguf_carries_the_source_vocabulary(real_model, tmp_path):
+    """SmolLM2's F16 export holds the very tokens, types and merges of the GGUF it came from,
+    and reads back with the same token ids and logits within F16's precision."""
+    import gguf
+
+    from pocketlm.api import resolve
+
+    path = write_gguf(real_model, tmp_path / "s.gguf", "f16")
+    ours = gguf.GGUFReader(str(path)).fields
+    src = gguf.GGUFReader(str(resolve("smollm2-135m-instruct"))).fields
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                "tokenizer.ggml.pre", "tokenizer.ggml.eos_token_id", "tokenizer.chat_template"):
+        assert ours[key].contents() == src[key].contents(), key
+    text = "The 12 quick brown foxes ½ jumped\n\n<|im_start|>user\nHi<|im_end|>"
+    back = pocketlm.load(path, dtype=torch.float32)
+    ids = real_model.encode(text)
+    assert back.encode(text) == ids
+    ref = real_model.logits(ids)
+    assert (back.logits(ids) - ref).abs().max().item() < 2e-3 * ref.abs().max().item()

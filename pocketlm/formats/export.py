@@ -85,20 +85,24 @@ def network_tensors(network) -> list[tuple[str, object]]:
     leaving it out), RoPE tables are not weights."""
     from pocketlm.compress.qlinear import QuantizedTensor, TiedQLinear
 
-    out, seen = [], set()
+    out, seen, own_weight = [], set(), set()
     for name, m in network.named_modules():
+        kind = type(m).__name__
         if isinstance(m, QuantizedTensor):
             out.append((f"{name}.weight", m))
             seen.add(name)
-        elif type(m).__name__ == "LoRALinear":
+        elif kind == "LoRALinear":
             out.append((f"{name}.weight", m.merged_weight().detach()))
             seen.add(name)
-        elif isinstance(m, TiedQLinear):
+        elif kind in ("GGMLLinear", "GGMLEmbedding"):  # a GGUF file's blocks kept packed
+            out.append((f"{name}.weight", m.dequantize().float()))
+            own_weight.add(f"{name}.weight")  # its bias (Qwen2) is a plain parameter
+        elif isinstance(m, TiedQLinear) or kind == "TiedGGMLHead":
             seen.add(name)
     tied = network.config.tie_embeddings
     for name, p in network.named_parameters(remove_duplicate=True):
         module = name.rpartition(".")[0]
-        if any(module == s or module.startswith(s + ".") for s in seen):
+        if name in own_weight or any(module == s or module.startswith(s + ".") for s in seen):
             continue
         if tied and name == "lm_head.weight":
             continue
@@ -200,6 +204,9 @@ def _add_tokenizer(w, tokenizer, vocab_size: int) -> None:
     if tokenizer.eos_id is not None:
         w.add_eos_token_id(tokenizer.eos_id)
     w.add_add_bos_token(bool(tokenizer.add_bos))
+    unk = model.get("unk_token")
+    if unk is not None and unk in vocab:
+        w.add_unk_token_id(vocab[unk])
     if tokenizer.chat_template:
         w.add_chat_template(tokenizer.chat_template)
 
@@ -258,6 +265,7 @@ def write_gguf(model, path: str | Path, qtype: str = "auto", force: bool = False
             w.add_layer_norm_rms_eps(c.norm_eps)
             w.add_vocab_size(c.vocab_size)
             w.add_file_type(_file_type(qtype, quantized, model))
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
             scaling = c.rope_scaling or {}
             if scaling.get("rope_type") == "linear":
                 w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)

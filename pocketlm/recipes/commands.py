@@ -56,10 +56,13 @@ def cmd_recipe_run(a) -> None:
 
 
 def cmd_export(a) -> None:
+    import torch
+
     from pocketlm.api import load
     from pocketlm.formats.export import export
 
-    m = load(a.model, threads=a.threads)  # fp32: exports convert from full precision
+    # a pocketlm quantized folder keeps its codes either way; a GGUF file is read as fp32
+    m = load(a.model, dtype=torch.float32, threads=a.threads)
     path = export(m, a.output, a.format, a.type, a.dtype, a.force)
     print(f"wrote {path}")
 

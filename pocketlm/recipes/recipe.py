@@ -467,13 +467,17 @@ class _State:
     model: object = None  # the current Model, loaded when a step needs it
     folder: Path | None = None  # where it is saved (None: the source, not copied)
     source: str = ""
+    dtype: str = "float32"  # the load step's: steps train and quantize from full precision
     models: list[str] = field(default_factory=list)  # every model so far, for report
 
     def get(self):
         if self.model is None:
+            import torch
+
             from pocketlm.api import load
 
-            self.model = load(str(self.folder) if self.folder else self.source)
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.dtype]
+            self.model = load(str(self.folder) if self.folder else self.source, dtype=dtype)
         return self.model
 
 
@@ -593,7 +597,7 @@ def run(recipe: Recipe, out: str | Path, log=print) -> list[dict]:
             shown = ", ".join(f"{k}={v}" for k, v in step.settings.items())
             if step.kind == "load":
                 s = resolved_settings(recipe, step)
-                state.source = s["model"]
+                state.source, state.dtype = s["model"], s.get("dtype", "float32")
                 state.models.append(s["model"])
                 log(f"[{step.index}/{n}] load {s['model']}")
                 rows.append({"step": step.folder_name, "status": "source", "seconds": 0.0})
