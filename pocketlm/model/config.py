@@ -178,8 +178,11 @@ class ModelConfig:
             raise UnsupportedModel("config.json sets mlp_bias=true; biased MLPs are not supported")
         if cfg.get("attn_logit_softcapping"):
             raise UnsupportedModel("attention logit soft-capping (Gemma 2) is not supported")
-        if cfg.get("use_sliding_window") and arch != "gemma3":
-            raise UnsupportedModel(f"{model_type} with use_sliding_window=true is not supported")
+        window = cfg.get("sliding_window") or 0
+        if arch != "gemma3" and (cfg.get("use_sliding_window") or model_type == "mistral" and (
+            0 < window < cfg.get("max_position_embeddings", 0))):
+            raise UnsupportedModel(
+                f"{model_type} with a sliding window is not supported (only Gemma 3's local layers)")
         act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "silu"
         acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh"}
         if act not in acts:
