@@ -4,6 +4,7 @@ filters and exact match, bad files, and every shipped task loaded and run on a t
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from pathlib import Path
@@ -165,3 +166,52 @@ def test_every_shipped_task_loads_and_runs(path, shared_data, tiny_model, tmp_pa
     assert m["n"] == 2
     for k in m["shown"]:
         assert 0.0 <= m[k] <= 1.0
+
+
+def test_loglikelihood_and_rolling_tasks_score_what_a_plain_pass_gives(folder, tiny_model):
+    import torch
+
+    ll_yaml = MC.replace("output_type: multiple_choice", "output_type: loglikelihood").replace(
+        'doc_to_choice: ["red", "green", "blue"]\n', "").replace("doc_to_target: label",
+                                                                  'doc_to_target: "{{a}}"')
+    r = evaluate(tiny_model, str(write(folder / "ll.yaml", ll_yaml)), use_cache=False,
+                 progress=False, details=True)
+    tok = tiny_model.tokenizer
+    for i, row in enumerate(r["items"]["toy_mc"]["rows"]):
+        ctx = tok.encode(f"Question: what is {i} plus {i}\nAnswer:")
+        whole = tok.encode(f"Question: what is {i} plus {i}\nAnswer: {2 * i}")
+        lp = torch.log_softmax(tiny_model.logits(whole).double(), dim=-1)
+        want = sum(float(lp[t - 1, whole[t]]) for t in range(len(ctx), len(whole)))
+        assert row["ll"][0] == pytest.approx(want, rel=1e-5)
+    m = r["tasks"]["toy_mc"]
+    assert m["perplexity"] == pytest.approx(
+        math.exp(-sum(x["ll"][0] for x in r["items"]["toy_mc"]["rows"]) / 8), rel=1e-9)
+    roll = ("task: toy_roll\ndataset_path: json\ndataset_kwargs: {data_files: {test: test.jsonl}}\n"
+            "output_type: loglikelihood_rolling\ntest_split: test\ndoc_to_text: \"\"\n"
+            "doc_to_target: \"{{q}}\"\n")
+    r = evaluate(tiny_model, str(write(folder / "roll.yaml", roll)), use_cache=False,
+                 progress=False, limit=2)
+    m = r["tasks"]["toy_roll"]
+    texts = [f"what is {i} plus {i}" for i in range(2)]
+    lls = []
+    for t in texts:
+        ids = [tok.eos_id] + tok.encode(t)
+        lp = torch.log_softmax(tiny_model.logits(ids).double(), dim=-1)
+        lls.append(sum(float(lp[j - 1, ids[j]]) for j in range(1, len(ids))))
+    nbytes = sum(len(t.encode()) for t in texts)
+    assert m["byte_perplexity"] == pytest.approx(math.exp(-sum(lls) / nbytes), rel=1e-5)
+    assert m["word_perplexity"] == pytest.approx(math.exp(-sum(lls) / 10), rel=1e-5)  # 5 words each
+
+
+def test_csv_and_parquet_rows_read_as_lm_eval_reads_them(tmp_path):
+    from pocketlm.evaluate.taskfile import read_rows
+
+    (tmp_path / "t.csv").write_text("text,n,x\nhello,1,0.5\n\"a, b\",2,\n")
+    assert read_rows(tmp_path / "t.csv", "csv") == [{"text": "hello", "n": 1, "x": 0.5},
+                                                    {"text": "a, b", "n": 2, "x": None}]
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"text": ["x", "y"], "label": [0, 1]}), tmp_path / "t.parquet")
+    assert read_rows(tmp_path / "t.parquet", "parquet") == [{"text": "x", "label": 0},
+                                                            {"text": "y", "label": 1}]
