@@ -104,3 +104,59 @@ def test_saved_folder_loads_back_here_and_in_transformers(pair, tmp_path):
 def test_unknown_architecture_lists_the_supported_ones():
     with pytest.raises(UnsupportedModel, match="llama, qwen2, qwen3 and gemma3_text"):
         ModelConfig.from_hf({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]})
+
+
+# -- the real models (slow): the dequantized GGUF weights in transformers vs ours, at fp32 -------
+REAL = ["gemma-3-270m", "qwen2.5-coder-0.5b-instruct"]
+PROMPTS = [
+    "The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,",
+    "1, 2, 3, 4, 5,", "import numpy as np\nx = np.", "The quick brown fox",
+    "Translate to French: good morning ->", "SELECT name FROM users WHERE",
+    "Water boils at a temperature of", "<html>\n<head>\n<title>", "The three primary colors are",
+    "In 1969, Neil Armstrong",
+]
+
+
+@pytest.fixture(scope="module", params=REAL)
+def real(request):
+    """(our model from the GGUF, dequantized to fp32; transformers' on the same weights)."""
+    import transformers
+
+    from pocketlm.formats import registry
+
+    path = registry.stored_path(request.param)
+    if path is None:
+        pytest.skip(f"{request.param} is not pulled (pocketlm pull {request.param})")
+    m = pocketlm.load(path, dtype=torch.float32)
+    cfg = transformers.AutoConfig.for_model(**m.config.to_hf())
+    hf = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    state = {}  # the same tensors (no copy), under HF's names; Gemma's norms back to w
+    for name, t in m.network.state_dict().items():
+        if m.config.norm_offset and name.endswith("norm.weight"):
+            t = t - m.config.norm_offset
+        state[name if name.startswith("lm_head") else f"model.{name}"] = t
+    hf.load_state_dict(state, assign=True)
+    if m.config.tie_embeddings:
+        hf.tie_weights()
+    return m, hf
+
+
+@pytest.mark.slow
+def test_real_model_logits_match_transformers(real):
+    m, hf = real
+    for prompt in PROMPTS:
+        ids = m.encode(prompt)
+        torch.testing.assert_close(m.logits(ids), hf_logits(hf, ids), atol=1e-3, rtol=0, msg=prompt)
+
+
+@pytest.mark.slow
+def test_real_model_greedy_continuation_matches_transformers(real):
+    m, hf = real
+    for prompt in PROMPTS[:4]:
+        ids = m.encode(prompt)
+        ours = [t.id for step in m.stream_tokens([ids], max_tokens=32, temperature=0) for t in step]
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)
+        theirs = out[0, len(ids):].tolist()
+        assert len(ours) == 32 or ours[-1] in m.tokenizer.stop_ids, prompt
+        assert ours == theirs[: len(ours)], prompt
