@@ -23,6 +23,7 @@ _PLUGINS = [
     "pocketlm.train.commands",
     "pocketlm.serve.commands",
     "pocketlm.recipes.commands",
+    "pocketlm.hybrid.commands",
 ]
 
 EPILOG = """examples:
@@ -58,6 +59,45 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> N
     g.add_argument("--stop", action="append", default=[], help="stop at this text (repeatable)")
     g.add_argument("--truncate", choices=["none", "left"], default="none",
                    help="if the prompt is longer than the context: fail (none) or drop the oldest tokens (left)")
+
+
+def add_draft_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--draft", default=None, metavar="MODEL",
+                   help="draft for speculative decoding: a model with the same tokenizer, "
+                        "'self[:L]' (the model's first L layers) or 'lookup[:N]' (prompt lookup, "
+                        "no model); output is the model's own")
+    g.add_argument("--draft-tokens", default="auto", metavar="K|auto",
+                   help="tokens drafted per verification pass (auto: adapts to acceptance)")
+
+
+def with_draft(m, a: argparse.Namespace):
+    """The model, or the model speculating with --draft (loaded with the same --dtype)."""
+    if not getattr(a, "draft", None):
+        return m
+    from pocketlm.engine.speculative import Speculative
+
+    k = a.draft_tokens if a.draft_tokens == "auto" else _int_or_fail(a.draft_tokens)
+    draft = a.draft
+    if draft.partition(":")[0] not in ("lookup", "prompt-lookup", "self"):
+        draft = load_from_args(argparse.Namespace(**{**vars(a), "model": a.draft}))
+        draft.card.name = draft.card.name or a.draft
+    return Speculative(m, draft=draft, draft_tokens=k)
+
+
+def _int_or_fail(s: str) -> int:
+    from pocketlm.errors import InvalidArgument
+
+    if not s.isdigit():
+        raise InvalidArgument(f"--draft-tokens takes a whole number or 'auto', got {s!r}")
+    return int(s)
+
+
+def _report_draft(m) -> None:
+    st = getattr(m, "stats", None)
+    if st is not None and st.passes:
+        print(f"[speculative ({st.kind}): {st.acceptance_rate:.0%} of {st.drafted} drafted tokens "
+              f"kept, {st.tokens_per_pass:.2f} tokens per target pass]", file=sys.stderr)
 
 
 def sampling_from_args(a: argparse.Namespace) -> dict:
@@ -110,7 +150,7 @@ def cmd_rm(a):
 
 
 def cmd_run(a):
-    m = load_from_args(a)
+    m = with_draft(load_from_args(a), a)
     sampling = sampling_from_args(a)
     truncate = None if a.truncate == "none" else a.truncate
     if a.raw or not m.tokenizer.has_chat_template:
@@ -123,12 +163,13 @@ def cmd_run(a):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    _report_draft(m)
 
 
 def cmd_chat(a):
     from pocketlm.errors import ContextOverflow
 
-    m = load_from_args(a)
+    m = with_draft(load_from_args(a), a)
     sampling = sampling_from_args(a)
     system = [{"role": "system", "content": a.system}] if a.system else []
     history: list[dict] = []
@@ -169,6 +210,8 @@ def cmd_bench(a):
     from pocketlm.engine.bench import bench
 
     m = load_from_args(a)
+    if a.draft:
+        return _bench_draft(m, a)
     batch_sizes = tuple(sorted(set([1] + a.batch_size)))
     r = bench(m.network, prompt_lengths=tuple(a.prompt_lengths), new_tokens=a.new_tokens,
               batch_sizes=batch_sizes, contexts=tuple(a.context))
@@ -190,6 +233,40 @@ def cmd_bench(a):
             print(f"                {s['batch_size']:5d}  {s['context']:7d}   {s['tokens_per_s']:15.1f}"
                   f"   {s['per_sequence_tokens_per_s']:18.1f}")
     print(f"  peak memory (RSS)    : {r['peak_rss_bytes'] / 2**20:8.0f} MiB")
+
+
+DRAFT_PROMPTS = [
+    "Write a Python function that parses a CSV file into a list of dictionaries, with a docstring.",
+    ("Refactor this loop into a list comprehension:\n\nresult = []\nfor x in items:\n"
+     "    if x > 0:\n        result.append(x * 2)\n"),
+    "I was charged twice for my order. How do I get a refund for the second payment?",
+]
+
+
+def _bench_draft(m, a) -> None:
+    from pocketlm.engine.speculative import bench as spec_bench
+
+    draft = with_draft(m, a).draft
+    prompts = [m.chat_prompt([{"role": "user", "content": q}]) if m.tokenizer.has_chat_template
+               else m.encode(q) for q in a.draft_prompt or DRAFT_PROMPTS]
+    k = a.draft_tokens if a.draft_tokens == "auto" else _int_or_fail(a.draft_tokens)
+    r = spec_bench(m, draft, prompts, new_tokens=a.new_tokens, draft_tokens=k)
+    r["model"], r["draft_model"] = m.card.name, a.draft
+    if a.json:
+        print(json.dumps(r, indent=2))
+    else:
+        print(f"{m.card.name} with draft {a.draft} ({r['draft']}), greedy, {a.new_tokens} new tokens, "
+              f"{len(prompts)} prompt(s)")
+        print(f"  target alone       : {r['target_tokens_per_s']:8.1f} tokens/s")
+        print(f"  speculative        : {r['speculative_tokens_per_s']:8.1f} tokens/s  "
+              f"(x{r['speed_up']:.2f})")
+        print(f"  acceptance         : {r['acceptance_rate']:8.1%} of {r['drafted']} drafted tokens")
+        print(f"  tokens/target pass : {r['tokens_per_pass']:8.2f}")
+        print(f"  time drafting      : {r['draft_s']:8.2f} s, verifying {r['verify_s']:.2f} s")
+        print(f"  identical output   : {'yes' if r['identical'] else 'NO'}")
+    if r["speed_up"] < 1:
+        print(f"warning: speculation is slower here (x{r['speed_up']:.2f}): drafting plus "
+              "verification cost more than the tokens they save on this CPU", file=sys.stderr)
 
 
 # -- wiring ---------------------------------------------------------------------------------
@@ -229,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="plain completion, no chat template")
     p.add_argument("--system", default=None, help="a system message (chat models)")
     add_sampling_args(p)
+    add_draft_args(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("chat", help="interactive chat",
@@ -237,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--system", default=None, help="a system message")
     add_sampling_args(p)
+    add_draft_args(p)
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("bench", help="prefill/decode speed, time to first token, memory",
@@ -251,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode batch sizes to sweep, e.g. 1 4 8")
     p.add_argument("--context", type=int, nargs="+", default=[16],
                    help="decode after prompts of these lengths, e.g. 16 512 2048")
+    add_draft_args(p)
+    p.add_argument("--draft-prompt", action="append", default=None, metavar="TEXT",
+                   help="with --draft: a prompt to decode (repeatable; default: two coding "
+                        "and one customer-support question)")
     p.set_defaults(func=cmd_bench)
 
     for name in _PLUGINS:

@@ -199,3 +199,24 @@ def test_qwen_coder_pair_greedy_identical(qwen_pair):
     m = spec.Speculative(target, draft=draft)
     assert m.chat(msgs, **params) == target.chat(msgs, **params)
     assert m.stats.acceptance_rate > 0.5
+
+
+def test_cli_run_and_bench_with_a_draft(tmp_path, capsys, target):
+    from pocketlm.cli import main
+
+    folder = str(target.save(tmp_path / "t"))
+    draft = str(make_tiny_model(seed=1).save(tmp_path / "d"))
+    args = ["run", folder, "the cat sat", "--raw", "--max-tokens", "12", "--temperature", "0", "--threads", "1"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main([*args, "--draft", draft, "--draft-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert out.out == plain and "speculative (model)" in out.err
+    assert main(["bench", folder, "--draft", "lookup", "--new-tokens", "8", "--threads", "1", "--json",
+                 "--draft-prompt", "a b a b a b"]) == 0
+    import json
+
+    r = json.loads(capsys.readouterr().out)
+    assert r["identical"] and r["draft"] == "lookup" and r["speed_up"] > 0
+    assert main(["run", folder, "x", "--draft", "lookup", "--draft-tokens", "many"]) == 2
+    assert "--draft-tokens" in capsys.readouterr().err
