@@ -172,7 +172,7 @@ def main() -> None:
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
-    ours = pocketlm.load("smollm2-135m-instruct", threads=a.threads)
+    ours = pocketlm.load("smollm2-135m-instruct", threads=a.threads, dtype=torch.float32)
     hf = hf_load()
     torch.set_num_threads(a.threads)
     decode_prompt, long_prompt = prompt_ids(ours, 64), prompt_ids(ours, 512)

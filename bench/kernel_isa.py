@@ -34,7 +34,7 @@ from pocketlm.compress.quantize import quantize
 from pocketlm.engine.bench import time_decode
 threads, tokens = int(sys.argv[1]), int(sys.argv[2])
 torch.set_num_threads(threads)
-fp32 = pocketlm.load("smollm2-135m-instruct", threads=threads)
+fp32 = pocketlm.load("smollm2-135m-instruct", threads=threads, dtype=torch.float32)
 out = {"backend": backend()}
 int8 = quantize(fp32, "rtn", 8, progress=False)
 for name, q, act in (("int4", quantize(fp32, "rtn", 4, 128, sym=False, progress=False), "0"),

@@ -115,7 +115,7 @@ def main() -> None:
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
-    fp32 = pocketlm.load(a.model, threads=a.threads)
+    fp32 = pocketlm.load(a.model, threads=a.threads, dtype=torch.float32)
     nets = {"fp32": fp32.network,
             "int8": quantize(fp32, "rtn", 8, progress=False).network,
             "int4": quantize(fp32, "rtn", 4, 128, sym=False, progress=False).network,
