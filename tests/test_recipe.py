@@ -72,6 +72,8 @@ def test_quick_recipe_end_to_end_on_a_tiny_model(tiny_folder, tmp_path, capsys):
     assert "wikitext2" in card["metrics"]  # the evaluate after it recorded on this card
     for folder in ("03-finetune", "04-quantize", "06-export"):
         assert "## Lineage" in (out / folder / "README.md").read_text()
+    readme = (out / "04-quantize" / "README.md").read_text()
+    assert "bitext_customer_support_4514.csv" in readme and "sha256" in readme  # data, hashed
     quality = rows[4]["quality"]["wikitext2"]["word_perplexity"]
     assert quality == card["metrics"]["wikitext2"]["word_perplexity"]
     assert (out / "summary.md").is_file() and rows[3]["size_mb"] < rows[2]["size_mb"]

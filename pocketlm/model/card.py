@@ -80,7 +80,7 @@ class Card:
             front.append(f"license: {'other' if gemma else _yaml_str(lic[0])}")
         front.append("---")
         out = front + ["", f"# {self.name or 'pocketlm model'}", ""]
-        out.append(f"Made with [pocketlm](https://github.com/) from `{self.source or '?'}`"
+        out.append(f"Made with pocketlm from `{self.source or '?'}`"
                    + (f" (sha256 `{self.source_sha256[:16]}…`)" if self.source_sha256 else "")
                    + ". Everything below is generated from `card.json`.")
         out += ["", "## Model", ""]
@@ -153,7 +153,7 @@ def _short(v) -> str:
 
 
 def _settings_text(settings: dict) -> str:
-    skip = {"data", "calibration", "settings"}
+    skip = {"data", "calibration", "settings", "data_sha256"}
     parts = [f"{k}={_short(v)}" for k, v in settings.items() if k not in skip and v is not None]
     inner = settings.get("settings")
     if isinstance(inner, dict):  # training settings: the ones that matter most

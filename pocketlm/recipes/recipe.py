@@ -498,6 +498,14 @@ def _train_inputs(settings: dict, tokenizer, resume: bool):
     return data, ts
 
 
+def _record_data_hashes(model, settings: dict, folder: Path) -> None:
+    """The training files' sha256 on the card's last step, so its README names the data."""
+    files = [f for k in ("data", "eval_data") for f in _as_list(settings.get(k) or [])]
+    model.card.steps[-1]["settings"]["data_sha256"] = {f: _sha256(Path(f)) for f in files}
+    if (folder / "card.json").is_file():
+        model.card.save(folder, model.config)
+
+
 def _run_step(recipe: Recipe, step: Step, state: _State, folder: Path, resume: bool, log):
     s = resolved_settings(recipe, step)
     kind = step.kind
@@ -507,7 +515,9 @@ def _run_step(recipe: Recipe, step: Step, state: _State, folder: Path, resume: b
         model = state.get()
         data, ts = _train_inputs(s, model.tokenizer, resume)
         own = _split(s, _params(finetune, {"model", "data", "out", "settings", "base_model"}))
-        return finetune(model, data, folder, ts, base_model=state.source, **own)
+        tuned = finetune(model, data, folder, ts, base_model=state.source, **own)
+        _record_data_hashes(tuned, s, folder)
+        return tuned
     if kind == "distill":
         from pocketlm.api import load
         from pocketlm.train.distill import make_student
@@ -519,6 +529,7 @@ def _run_step(recipe: Recipe, step: Step, state: _State, folder: Path, resume: b
         own = _split(s, _params(distill, {"teacher", "student", "data", "out", "settings",
                                           "cache_path"}))
         out = distill(teacher, student, data, folder, ts, **own)
+        _record_data_hashes(out, s, folder)
         if teacher.card.license and teacher.card.license not in out.card.all_licenses():
             out.card.licenses.append(teacher.card.license)  # the teacher's terms travel
             out.save(folder)
