@@ -17,8 +17,9 @@ from pocketlm.formats import registry
 def test_saved_folder_loads_back_with_identical_logits(tmp_path, tiny_model):
     tiny_model.card.add_step("test", note="round trip")
     folder = tiny_model.save(tmp_path / "tiny")
-    assert sorted(p.name for p in folder.iterdir()) == [
-        "card.json", "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [  # README.md: the generated model card
+        "README.md", "card.json", "config.json", "model.safetensors", "tokenizer.json",
+        "tokenizer_config.json"]
     again = pocketlm.load(folder)
     ids = [5, 17, 80, 3]
     assert torch.equal(again.logits(ids), tiny_model.logits(ids))
