@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -206,10 +207,121 @@ inline float vsum(V v) {
 }
 #endif
 
+#ifdef __AVX512F__
+inline __m512 u8x16(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(b)); }
+inline __m512 i8x16(__m128i b) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)); }
+
+// The types of real Q4_K_M files, with the block scale applied once per 16 or 32 products
+// instead of once per weight: codes widened to fp32 in registers, one FMA per 16 weights per
+// row of x. xs (T, K/32): sums of x per 32 columns (Q4_K's mins).
+template <int TYPE, int T>
+bool gemv_rows_fast(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, float* y,
+                    int64_t N, int64_t n0, int64_t n1, const float* xs) {
+  if constexpr (TYPE == Q8_0 || TYPE == Q5_0 || TYPE == Q4_K || TYPE == Q6_K) {
+    constexpr int QK = Traits<TYPE>::QK, BYTES = Traits<TYPE>::BYTES;
+    const int64_t G = K / 32;
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* row = w + n * row_bytes;
+      __m512 acc[T];
+      float mins[T];
+      for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps(), mins[t] = 0.f;
+      for (int64_t b = 0; b < K / QK; ++b) {
+        const uint8_t* blk = row + b * BYTES;
+        const float* xb = x + b * QK;
+        if constexpr (TYPE == Q8_0) {
+          const __m512 s = _mm512_set1_ps(h2f(blk));
+          const __m512 q0 = i8x16(_mm_loadu_si128((const __m128i*)(blk + 2)));
+          const __m512 q1 = i8x16(_mm_loadu_si128((const __m128i*)(blk + 18)));
+          for (int t = 0; t < T; ++t) {
+            __m512 v = _mm512_mul_ps(q0, _mm512_loadu_ps(xb + t * K));
+            v = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + t * K + 16), v);
+            acc[t] = _mm512_fmadd_ps(v, s, acc[t]);
+          }
+        } else if constexpr (TYPE == Q5_0) {  // d * (q - 16): the 16 * d * sum(x) apart
+          const float d = h2f(blk);
+          uint32_t qh;
+          std::memcpy(&qh, blk + 2, 4);
+          const __m128i b0 = _mm_loadu_si128((const __m128i*)(blk + 6)), m4 = _mm_set1_epi8(0x0F);
+          const __m512 k16 = _mm512_set1_ps(16.f), s = _mm512_set1_ps(d);
+          __m512 q0 = u8x16(_mm_and_si128(b0, m4));
+          __m512 q1 = u8x16(_mm_and_si128(_mm_srli_epi16(b0, 4), m4));
+          q0 = _mm512_mask_add_ps(q0, __mmask16(qh & 0xFFFF), q0, k16);
+          q1 = _mm512_mask_add_ps(q1, __mmask16(qh >> 16), q1, k16);
+          for (int t = 0; t < T; ++t) {
+            __m512 v = _mm512_mul_ps(q0, _mm512_loadu_ps(xb + t * K));
+            v = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + t * K + 16), v);
+            acc[t] = _mm512_fmadd_ps(v, s, acc[t]);
+            mins[t] += 16.f * d * xs[t * G + b];
+          }
+        } else if constexpr (TYPE == Q4_K) {
+          const float d = h2f(blk), dmin = h2f(blk + 2);
+          const uint8_t* ql = blk + 16;
+          const __m128i mask = _mm_set1_epi8(0x0F);
+          for (int c = 0; c < 4; ++c) {
+            const __m128i b0 = _mm_loadu_si128((const __m128i*)(ql + 32 * c));
+            const __m128i b1 = _mm_loadu_si128((const __m128i*)(ql + 32 * c + 16));
+            const __m512 q[4] = {u8x16(_mm_and_si128(b0, mask)), u8x16(_mm_and_si128(b1, mask)),
+                                 u8x16(_mm_and_si128(_mm_srli_epi16(b0, 4), mask)),
+                                 u8x16(_mm_and_si128(_mm_srli_epi16(b1, 4), mask))};
+            for (int h = 0; h < 2; ++h) {
+              const int sub = 2 * c + h;
+              int sc, mn;
+              scale_min_k4(sub, blk + 4, sc, mn);
+              const __m512 ds = _mm512_set1_ps(d * float(sc));
+              const float dm = dmin * float(mn);
+              const float* xp = xb + 32 * sub;
+              for (int t = 0; t < T; ++t) {
+                __m512 v = _mm512_mul_ps(q[2 * h], _mm512_loadu_ps(xp + t * K));
+                v = _mm512_fmadd_ps(q[2 * h + 1], _mm512_loadu_ps(xp + t * K + 16), v);
+                acc[t] = _mm512_fmadd_ps(v, ds, acc[t]);
+                mins[t] += dm * xs[t * G + b * 8 + sub];
+              }
+            }
+          }
+        } else {  // Q6_K
+          const uint8_t* ql = blk;
+          const uint8_t* qh = blk + 128;
+          const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+          const float d = h2f(blk + 208);
+          const __m128i m4 = _mm_set1_epi8(0x0F), m2 = _mm_set1_epi8(0x03), k32 = _mm_set1_epi8(32);
+          for (int half = 0; half < 2; ++half) {
+            for (int j = 0; j < 4; ++j) {
+              const uint8_t* l4 = ql + 64 * half + 32 * (j & 1);
+              const uint8_t* h2 = qh + 32 * half;
+              for (int p = 0; p < 2; ++p) {  // 16 values, one scale
+                __m128i lo = _mm_loadu_si128((const __m128i*)(l4 + 16 * p));
+                __m128i hi = _mm_loadu_si128((const __m128i*)(h2 + 16 * p));
+                if (j >> 1) lo = _mm_srli_epi16(lo, 4);
+                lo = _mm_and_si128(lo, m4);
+                hi = _mm_and_si128(_mm_srl_epi16(hi, _mm_cvtsi32_si128(2 * j)), m2);
+                const __m128i q8 = _mm_sub_epi8(_mm_or_si128(lo, _mm_slli_epi16(hi, 4)), k32);
+                const __m512 q = i8x16(q8);
+                const int s0 = 8 * half + 2 * j + p;
+                const __m512 ds = _mm512_set1_ps(d * float(sc[s0]));
+                const float* xp = xb + 128 * half + 32 * j + 16 * p;
+                for (int t = 0; t < T; ++t)
+                  acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(q, _mm512_loadu_ps(xp + t * K)), ds, acc[t]);
+              }
+            }
+          }
+        }
+      }
+      for (int t = 0; t < T; ++t) y[t * N + n] = _mm512_reduce_add_ps(acc[t]) - mins[t];
+    }
+    return true;
+  }
+  return false;
+}
+#endif
+
 // y[t, n] for rows n0..n1 and all T rows of x: each block decoded once, used T times.
 template <int TYPE, int T>
 void gemv_rows(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, float* y,
-               int64_t N, int64_t n0, int64_t n1) {
+               int64_t N, int64_t n0, int64_t n1, const float* xs) {
+#ifdef __AVX512F__
+  if (gemv_rows_fast<TYPE, T>(x, K, w, row_bytes, y, N, n0, n1, xs)) return;
+#endif
+  (void)xs;
   constexpr int QK = Traits<TYPE>::QK, BYTES = Traits<TYPE>::BYTES;
   constexpr int NA = T == 1 ? 4 : (T <= 2 ? 2 : 1);  // independent accumulators per row of x
   alignas(64) float buf[QK];
@@ -236,19 +348,25 @@ void gemv_rows(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, f
 template <int TYPE>
 void gemv(const float* x, int64_t T, int64_t K, const uint8_t* w, int64_t row_bytes,
           int64_t N, float* y) {
+  std::vector<float> xs(T * (K / 32));  // sums of x per 32 columns
+  for (int64_t i = 0; i < T * (K / 32); ++i) {
+    float s = 0.f;
+    for (int j = 0; j < 32; ++j) s += x[i * 32 + j];
+    xs[i] = s;
+  }
   share_rows(N, N * K * T, [&](int64_t n0, int64_t n1) {
     for (int64_t t0 = 0; t0 < T; t0 += 8) {  // at most 8 rows of x per pass over W
       const float* xt = x + t0 * K;
       float* yt = y + t0 * N;
       switch (std::min<int64_t>(8, T - t0)) {
-        case 1: gemv_rows<TYPE, 1>(xt, K, w, row_bytes, yt, N, n0, n1); break;
-        case 2: gemv_rows<TYPE, 2>(xt, K, w, row_bytes, yt, N, n0, n1); break;
-        case 3: gemv_rows<TYPE, 3>(xt, K, w, row_bytes, yt, N, n0, n1); break;
-        case 4: gemv_rows<TYPE, 4>(xt, K, w, row_bytes, yt, N, n0, n1); break;
-        case 5: gemv_rows<TYPE, 5>(xt, K, w, row_bytes, yt, N, n0, n1); break;
-        case 6: gemv_rows<TYPE, 6>(xt, K, w, row_bytes, yt, N, n0, n1); break;
-        case 7: gemv_rows<TYPE, 7>(xt, K, w, row_bytes, yt, N, n0, n1); break;
-        default: gemv_rows<TYPE, 8>(xt, K, w, row_bytes, yt, N, n0, n1); break;
+        case 1: gemv_rows<TYPE, 1>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
+        case 2: gemv_rows<TYPE, 2>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
+        case 3: gemv_rows<TYPE, 3>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
+        case 4: gemv_rows<TYPE, 4>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
+        case 5: gemv_rows<TYPE, 5>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
+        case 6: gemv_rows<TYPE, 6>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
+        case 7: gemv_rows<TYPE, 7>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
+        default: gemv_rows<TYPE, 8>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
       }
     }
   });
