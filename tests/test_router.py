@@ -191,3 +191,30 @@ def test_minilm_routes_banking77_intents(shared_data):
     r = R.Router(R.RouterConfig(routes, "account", "minilm"))
     acc = sum(r.decide(t["text"]).route == label[t["category"]] for t in test) / len(test)
     assert acc >= 0.8
+
+
+def test_the_server_routes_model_auto(tmp_path, models):
+    import httpx
+    from serve_util import ServerThread
+
+    from pocketlm.serve.app import create_app
+
+    cfg = R.load_config(write(tmp_path, YAML))
+    served = {"tiny-a": models("tiny-a"), "tiny-b": models("tiny-b")}
+    app = create_app(served, router=R.Router(cfg), max_batch=2,
+                     route_models={r.name: r.model for r in cfg.routes})
+    body = {"model": "auto", "messages": [{"role": "user", "content": "bank transfer pending"}],
+            "max_tokens": 5, "temperature": 0}
+    with ServerThread(app) as url:
+        r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30)
+        assert r.status_code == 200 and r.headers["x-pocketlm-route"] == "transfers"
+        j = r.json()
+        assert j["model"] == "tiny-b" and j["route"]["name"] == "transfers"
+        want = models("tiny-b").chat(body["messages"], max_tokens=5, temperature=0)
+        assert j["choices"][0]["message"]["content"] == want
+        s = httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}, timeout=30)
+        assert s.headers["x-pocketlm-route"] == "transfers"
+        plain = httpx.post(f"{url}/v1/chat/completions", json={**body, "model": "tiny-a"}, timeout=30)
+        assert "route" not in plain.json() and "x-pocketlm-route" not in plain.headers
+    with pytest.raises(ValueError, match="not served"):
+        create_app(served, router=R.Router(cfg), route_models={"cards": "nope"})

@@ -261,13 +261,23 @@ def create_app(
     timeout: float | None = None,
     log_prompts: bool = False,
     max_len: int | None = None,
+    router=None,
+    route_models: dict[str, str] | None = None,
 ) -> FastAPI:
     """The FastAPI app serving ``models`` ({id: Model}); see the module docstring.
 
     ``max_batch`` sequences per model decode together, ``max_queue`` more may wait (then 429),
     ``timeout`` seconds bounds each request (queueing included), ``max_len`` caps the context
-    of each batch row (default min(model context, 4096)). Raises ValueError for no models.
+    of each batch row (default min(model context, 4096)). With ``router`` (a
+    ``hybrid.router.Router``) and ``route_models`` ({route name: served model id}), a chat
+    request for model ``"auto"`` goes to the route the router picks for its last user message;
+    the reply says which in a ``route`` field and an ``X-Pocketlm-Route`` header. Raises
+    ValueError for no models, or for a route naming a model that is not served.
     """
+    route_models = route_models or {}
+    missing = {r: m for r, m in route_models.items() if m not in models}
+    if missing:
+        raise ValueError(f"routes {missing} name models that are not served ({sorted(models)})")
     if not models:
         raise ValueError("create_app needs at least one model")
     schedulers = {name: Scheduler(m, max_batch, max_queue, max_len) for name, m in models.items()}
@@ -364,6 +374,13 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest):
         req = await _parse(http, ChatRequest)
+        route = None
+        if req.model == "auto" and router is not None and "auto" not in schedulers:
+            query = next((m.text() for m in reversed(req.messages) if m.role == "user"), "")
+            d = await asyncio.to_thread(router.decide, query)
+            route = {"name": d.route, "confidence": d.confidence, "fallback": d.fallback,
+                     "reason": d.reason}
+            req.model = route_models[d.route]
         name, sched = model_for(req.model)
         tok = sched.tokenizer
         _refuse_unsupported(req)
@@ -407,10 +424,13 @@ def create_app(
         usage_prompt = len(prompt)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return _sse(_chat_stream(gen, rid, name, req.logprobs, include_usage, usage_prompt))
+            resp = _sse(_chat_stream(gen, rid, name, req.logprobs, include_usage, usage_prompt))
+            if route:
+                resp.headers["X-Pocketlm-Route"] = route["name"]
+            return resp
         texts, reasons, lps, n_out = await _fold(gen, http, req.logprobs)
         _done(gen, name, "/v1/chat/completions", usage_prompt, n_out)
-        return {
+        body = {
             "id": rid,
             "object": "chat.completion",
             "created": int(time.time()),
@@ -427,6 +447,10 @@ def create_app(
             ],
             "usage": _usage(usage_prompt, n_out),
         }
+        if route is None:
+            return body
+        body["route"] = route
+        return JSONResponse(body, headers={"X-Pocketlm-Route": route["name"]})
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):

@@ -44,12 +44,29 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise InvalidArgument("--timeout must be > 0 seconds")
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
     set_threads(a.threads)
+    if not a.model and not a.router:
+        raise InvalidArgument("name at least one model to serve, or --router router.yaml")
+    router, route_models, names = None, {}, list(a.model)
+    if a.router:  # checked before any model loads
+        from pocketlm.hybrid.router import Router, RouterError, load_config
+
+        config = load_config(a.router)
+        for r in config.routes:
+            if r.kind != "local":
+                raise RouterError(f"{config.path} line {r.line}: serve --router runs local model "
+                                  f"routes only for now; route {r.name!r} is {r.kind} (use "
+                                  "`pocketlm route` for remote and cascade routes)")
+            route_models[r.name] = model_id(r.model)
+            if r.model not in names:
+                names.append(r.model)
     models = {}
-    for name in a.model:
+    for name in names:
         key = model_id(name)
         if key in models:
             raise InvalidArgument(f"two models would be served as {key!r}; rename one folder")
         models[key] = load(name, dtype=dtype, threads=a.threads)
+    if a.router:
+        router = Router(config)
     app = create_app(
         models,
         api_key=a.api_key,
@@ -58,6 +75,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
         timeout=a.timeout,
         log_prompts=a.log_prompts,
         max_len=a.context,
+        router=router,
+        route_models=route_models,
     )
     logging.getLogger("pocketlm").setLevel(logging.INFO)
     if a.host not in ("127.0.0.1", "localhost", "::1"):
@@ -111,7 +130,13 @@ def register(sub) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("model", nargs="+", help="model names, .gguf files or model folders")
+    p.add_argument("model", nargs="*", help="model names, .gguf files or model folders")
+    p.add_argument(
+        "--router",
+        default=None,
+        help="a router YAML: its routes' models are served too, and model 'auto' routes each "
+        "chat request (the reply names the route: field 'route', header X-Pocketlm-Route)",
+    )
     p.add_argument(
         "--host", default="127.0.0.1", help="address to bind (127.0.0.1: this machine only)"
     )
