@@ -27,7 +27,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -35,6 +35,7 @@ from pocketlm.engine.generate import Token
 from pocketlm.engine.sampling import SamplingParams
 from pocketlm.engine.scheduler import QueueFull, Request, Scheduler
 from pocketlm.errors import ContextOverflow, PocketError
+from pocketlm.serve.routes import info
 from pocketlm.serve.schemas import ChatRequest, CompletionRequest, ResponseFormat
 
 log = logging.getLogger("pocketlm.serve")
@@ -295,6 +296,7 @@ def create_app(
     )
     app.state.schedulers = schedulers
     app.state.metrics = metrics
+    app.state.created = created
 
     # -- errors, auth, metrics ---------------------------------------------------------------
     @app.exception_handler(APIError)
@@ -328,47 +330,9 @@ def create_app(
             )
         return name, schedulers[name]
 
-    # -- plain routes ------------------------------------------------------------------------
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "models": sorted(schedulers)}
+    app.state.model_for = model_for
 
-    @app.get("/metrics")
-    async def metrics_route():
-        return PlainTextResponse(
-            metrics.render(schedulers), media_type="text/plain; version=0.0.4; charset=utf-8"
-        )
-
-    @app.get("/v1/models")
-    async def list_models():
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": k,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "pocketlm",
-                    "context_length": s.max_len,
-                }
-                for k, s in schedulers.items()
-            ],
-        }
-
-    @app.get("/v1/models/{name:path}")
-    async def get_model(name: str):
-        k, s = model_for(name)
-        return {
-            "id": k,
-            "object": "model",
-            "created": created,
-            "owned_by": "pocketlm",
-            "context_length": s.max_len,
-        }
-
-    @app.get("/")
-    async def page():
-        return FileResponse(STATIC / "index.html", media_type="text/html")
+    app.include_router(info.router)  # health, metrics, model list, chat page
 
     # -- generation --------------------------------------------------------------------------
     @app.post("/v1/chat/completions")
