@@ -112,6 +112,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=512, help="prefill prompt length (512)")
     ap.add_argument("--no-peer", action="store_true", help="skip llama.cpp")
+    ap.add_argument("--check", action="store_true", help="print the tables, save nothing")
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -202,8 +203,10 @@ def main() -> None:
             fig[f"llama_cpp_{q}_prefill_tokens_per_s"] = peer
     prefill_table = markdown_table([f"ours, prefill {a.prompt}", "tok/s", "llama.cpp", "tok/s",
                                     "ours / llama.cpp"], rows)
-    merge_results("compress", "speed_race", fig)
     print(decode_table + "\n\n" + prefill_table)
+    if a.check:
+        return
+    merge_results("compress", "speed_race", fig)
     peer_build = "; ".join(f"{k}: {v.get('binary')} ({v.get('backends')}, "
                            f"{v.get('build_commit')})" for k, v in builds.items()) or "not built"
     append_section(
