@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -399,9 +398,7 @@ def _run_custom(lm, name, task, results, cache_root, fp, window, batch_size, sho
 
 
 def save_card(model, folder: str | Path) -> Path:
-    """Write ``model.card`` into a saved model folder (temp file + rename)."""
-    path = Path(folder) / "card.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(asdict(model.card), indent=2))
-    os.replace(tmp, path)
-    return path
+    """Write ``model.card`` (card.json and its README.md, each temp file + rename) into a
+    saved model folder, so the README never lags the metrics just measured."""
+    model.card.save(folder, model.config)
+    return Path(folder) / "card.json"
