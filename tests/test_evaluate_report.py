@@ -96,3 +96,26 @@ def test_cli_energy_reports_its_method(tmp_path, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["grid_g_co2_per_kwh"] == 50 and r["tokens"] == 4
     assert r["method_kind"] in ("rapl", "estimate") and r["method"]
+
+
+def test_each_model_memory_is_measured_on_its_own(tmp_path):
+    """A big parent, and a big model measured first, do not set a small model's peak RSS."""
+    import resource
+
+    import torch
+
+    from pocketlm.evaluate.report import _measure_isolated, measure_speed_memory, own_peak_rss_bytes
+
+    big = make_tiny_model(seed=0, dim=512, n_heads=8, n_kv_heads=4, hidden_dim=2048,
+                          n_layers=4).save(tmp_path / "big")  # ~64 MB of fp32 weights
+    small = make_tiny_model(seed=1).save(tmp_path / "small")
+    ballast = torch.ones(256 * 2**20)  # 1 GiB, touched: the parent's high-water mark
+    parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert own_peak_rss_bytes() >= ballast.numel() * 4
+    big_row = _measure_isolated(measure_speed_memory, (str(big), 1))
+    small_row = _measure_isolated(measure_speed_memory, (str(small), 1))
+    assert small_row["weight_bytes"] < big_row["weight_bytes"]
+    # Each child's peak is its own: far below the 1 GiB parent, the small below the big.
+    assert small_row["peak_rss_bytes"] < parent_peak - 2**29
+    assert small_row["peak_rss_bytes"] < big_row["peak_rss_bytes"] - 2**25
+    del ballast
