@@ -1,17 +1,22 @@
 """``evaluate(endpoint=...)``: a task run against an OpenAI-compatible server gives the
-direct run's results — generation through our own ``serve``, log-likelihoods through a
-server that echoes prompt logprobs — and an unreachable or unsuitable server is named."""
+direct run's results — generation and log-likelihoods (echo + logprobs) through our own
+``serve``, log-likelihoods through a stand-in echoing server too — and an unreachable or
+unsuitable server is named."""
 
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
 import torch
 from serve_util import ServerThread, free_port
 
+import pocketlm
 from pocketlm.evaluate import evaluate
 from pocketlm.evaluate.backends import EndpointError, EndpointLM
+from pocketlm.serve.app import create_app
 
 pytestmark = pytest.mark.integration
 
@@ -54,8 +59,6 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def our_server(tiny):
-    from pocketlm.serve.app import create_app
-
     with ServerThread(create_app({"tiny": tiny}, max_batch=4)) as url:
         yield url
 
@@ -100,24 +103,75 @@ def test_a_generative_task_through_our_server_equals_the_direct_run(tiny, our_se
     assert served["model"] == f"tiny @ {our_server}/v1"
 
 
-def test_log_likelihoods_through_an_echoing_server_equal_the_direct_run(tiny, tasks):
-    direct = evaluate(tiny, str(tasks / "mc.yaml"), use_cache=False, progress=False,
-                      record=False, details=True)
-    with ServerThread(echo_app(tiny)) as url:
-        served = evaluate(None, str(tasks / "mc.yaml"), endpoint=EndpointLM(url, "tiny"),
-                          use_cache=False, progress=False, details=True)
-    d, s = direct["items"]["toy_mc"]["rows"], served["items"]["toy_mc"]["rows"]
+def assert_same_log_likelihoods(direct, served, task):
+    d, s = direct["items"][task]["rows"], served["items"][task]["rows"]
+    assert len(d) == len(s) > 0
     for a, b in zip(d, s):
         assert b["ll"] == pytest.approx(a["ll"], rel=1e-4, abs=1e-4)
         assert b["greedy"] == a["greedy"]
-    assert served["tasks"]["toy_mc"]["acc"] == direct["tasks"]["toy_mc"]["acc"]
-    assert served["tasks"]["toy_mc"]["acc_norm"] == direct["tasks"]["toy_mc"]["acc_norm"]
+    for metric in ("acc", "acc_norm"):
+        assert served["tasks"][task][metric] == direct["tasks"][task][metric]
 
 
-def test_a_server_without_echo_is_named_with_what_log_likelihood_tasks_need(our_server, tasks):
-    with pytest.raises(EndpointError, match="need a server whose /v1/completions supports echo"):
-        evaluate(None, str(tasks / "mc.yaml"), endpoint=EndpointLM(our_server, "tiny"),
+@pytest.mark.parametrize("which", ["ours", "stand-in"])
+def test_log_likelihoods_through_an_echoing_server_equal_the_direct_run(tiny, tasks, our_server,
+                                                                         which):
+    direct = evaluate(tiny, str(tasks / "mc.yaml"), use_cache=False, progress=False,
+                      record=False, details=True)
+    with ServerThread(echo_app(tiny)) if which == "stand-in" else nullcontext(our_server) as url:
+        served = evaluate(None, str(tasks / "mc.yaml"), endpoint=EndpointLM(url, "tiny"),
+                          use_cache=False, progress=False, details=True)
+    assert_same_log_likelihoods(direct, served, "toy_mc")
+
+
+SHIPPED_MC = sorted(p for p in (Path(pocketlm.__file__).parent / "tasks").glob("*.yaml")
+                    if "output_type: multiple_choice" in p.read_text())
+
+
+@pytest.mark.parametrize("task_file", SHIPPED_MC, ids=lambda p: p.stem)
+def test_shipped_multiple_choice_tasks_through_our_server_equal_the_direct_run(task_file):
+    """The same YAML, the same weights: ``--endpoint`` against our own serve scores every
+    choice of every item as the direct run does (a context long enough for the few-shot
+    prompts, so neither side truncates)."""
+    from tiny import make_tiny_model
+
+    from pocketlm.evaluate.tasks import DataMissing
+
+    model = make_tiny_model(seed=1, max_seq_len=2048)
+    try:
+        direct = evaluate(model, str(task_file), limit=3, use_cache=False, progress=False,
+                          record=False, details=True)
+    except DataMissing as e:
+        pytest.skip(str(e))
+    with ServerThread(create_app({"tiny": model}, max_batch=4)) as url:
+        served = evaluate(None, str(task_file), limit=3, endpoint=EndpointLM(url, "tiny"),
+                          use_cache=False, progress=False, details=True)
+    (task,) = direct["tasks"]
+    assert_same_log_likelihoods(direct, served, task)
+
+
+def test_a_server_without_echo_is_named_with_what_log_likelihood_tasks_need(tiny, tasks):
+    need = "need a server whose /v1/completions supports echo"
+    with ServerThread(plain_app()) as url, pytest.raises(EndpointError, match=need):
+        evaluate(None, str(tasks / "mc.yaml"), endpoint=EndpointLM(url, "tiny"),
                  use_cache=False, progress=False)
+
+
+def plain_app():
+    """A completions server that ignores echo and logprobs (as some servers do)."""
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models():
+        return {"data": [{"id": "tiny"}]}
+
+    @app.post("/v1/completions")
+    def completions(body: dict):
+        return {"choices": [{"text": "x", "logprobs": None}]}
+
+    return app
 
 
 def test_unreachable_endpoint_and_unknown_model_are_named(our_server, tasks):

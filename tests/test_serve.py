@@ -321,7 +321,7 @@ def test_bad_completion_inputs(server):
         {"model": "tiny", "prompt": [99999]},
         {"model": "tiny", "prompt": "a", "logprobs": 9},
         {"model": "tiny", "prompt": 5},
-        {"model": "tiny", "prompt": "a", "echo": True},
+        {"model": "tiny", "prompt": "a", "echo": True, "stream": True},
     ):
         r = httpx.post(url + "/v1/completions", json=body)
         assert r.status_code == 400, body
@@ -329,6 +329,59 @@ def test_bad_completion_inputs(server):
     assert httpx.get(url + "/v1/nothing").json()["error"]["type"] == "not_found"
     # the server still serves after all that
     assert client(url).completions.create(model="tiny", prompt="a", max_tokens=2).choices
+
+
+def test_echo_returns_the_prompts_logprobs_from_one_pass(server, tiny):
+    """OpenAI's legacy echo + logprobs (what lm-eval's local-completions sends): every prompt
+    token, its log-prob given the tokens before it (none for the first), the top N there, and
+    where it starts in the echoed text."""
+    url, _ = server
+    prompt = "the cat sat on the mat"
+    ids = tiny.encode(prompt)
+    lp = torch.log_softmax(tiny.logits(ids).double(), dim=-1)  # (T, V)
+    for max_tokens in (0, 1):
+        r = client(url).completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens,
+                                           temperature=0, logprobs=2, echo=True)
+        c = r.choices[0]
+        assert c.text.startswith(prompt)
+        got = c.logprobs
+        n = len(ids) + max_tokens
+        assert len(got.tokens) == len(got.token_logprobs) == len(got.text_offset) == n
+        assert got.tokens[: len(ids)] == [tiny.tokenizer.token_text(i) for i in ids]
+        assert got.token_logprobs[0] is None and got.top_logprobs[0] is None
+        for j in range(1, len(ids)):
+            assert got.token_logprobs[j] == pytest.approx(float(lp[j - 1, ids[j]]), abs=1e-4)
+            best = lp[j - 1].topk(2)
+            want = {tiny.tokenizer.token_text(int(i)): float(v)
+                    for v, i in zip(best.values, best.indices)}
+            assert got.top_logprobs[j] == pytest.approx(want, abs=1e-4)
+        # each token starts where the text before it ends
+        starts = [len(tiny.tokenizer.decode(ids[:j])) for j in range(len(ids))]
+        assert got.text_offset[: len(ids)] == starts
+        if max_tokens:  # the generated token follows, offset past the prompt
+            assert got.text_offset[-1] == len(prompt)
+            assert got.tokens[-1] == c.text[len(prompt):]
+            assert r.usage.completion_tokens == 1
+        else:
+            assert c.text == prompt and r.usage.completion_tokens == 0
+        assert r.usage.prompt_tokens == len(ids)
+
+
+def test_echo_of_token_ids_and_without_logprobs(server, tiny):
+    url, _ = server
+    ids = tiny.encode("one two three")
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": ids,
+                                                  "max_tokens": 0, "echo": True,
+                                                  "logprobs": 0}).json()
+    c = r["choices"][0]
+    assert c["text"] == tiny.tokenizer.decode(ids)
+    assert len(c["logprobs"]["token_logprobs"]) == len(ids)
+    assert c["logprobs"]["top_logprobs"][1] == {}
+    plain = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "one two",
+                                                      "max_tokens": 3, "temperature": 0,
+                                                      "echo": True}).json()["choices"][0]
+    direct = tiny.generate("one two", max_tokens=3, temperature=0)
+    assert plain["text"] == "one two" + direct and plain["logprobs"] is None
 
 
 def test_client_disconnect_frees_the_row(tiny):

@@ -6,7 +6,9 @@
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with
 ``stream``), ``GET /health``, ``GET /metrics`` (Prometheus text) and the chat page at ``/``.
 Every request's tokens come from the scheduler's one decode loop; the non-streaming reply is
-a fold over the same event stream the streaming reply sends. Errors use OpenAI's body,
+a fold over the same event stream the streaming reply sends. ``/v1/completions`` with
+``echo`` returns the prompt first, and with ``logprobs`` the prompt tokens' log-probs from one
+forward pass (``serve/echo.py``; ``max_tokens: 0`` scores without generating). Errors use OpenAI's body,
 ``{"error": {"message", "type", "param", "code"}}``, with 400 for bad input, 401 for a
 missing/wrong key, 404 for an unknown model or route, 429 (+ ``Retry-After``) when the queue
 is full, 408 when a request runs past ``timeout``.
@@ -421,15 +423,25 @@ def create_app(
         req = await _parse(http, CompletionRequest)
         name, sched = model_for(req.model)
         _refuse_unsupported(req)
-        if req.echo or req.suffix or (req.best_of not in (None, 1, req.n)):
+        if req.suffix or (req.best_of not in (None, 1, req.n)):
             raise APIError(
                 400,
-                "echo, suffix and best_of are not supported by pocketlm serve",
+                "suffix and best_of are not supported by pocketlm serve",
+                code="unsupported_parameter",
+            )
+        if req.echo and req.stream:
+            raise APIError(
+                400, "echo is not supported with stream; send stream: false", param="echo",
                 code="unsupported_parameter",
             )
         prompts = _completion_prompts(req.prompt, sched)
         top = req.logprobs or 0
-        params = _params(req, req.max_tokens if req.max_tokens is not None else 16, top)
+        max_tokens = req.max_tokens if req.max_tokens is not None else 16
+        if req.echo:  # the prompt's own tokens (and log-probs) lead each choice
+            echoed = await _echo(req, prompts, sched, top)
+            if max_tokens == 0:  # scoring only: nothing to generate, no batch row taken
+                return _echo_only(req, name, prompts, echoed)
+        params = _params(req, max_tokens, top)
         factory = await asyncio.to_thread(_constraint, req.response_format, sched, req.ignore_eos)
         _log(name, "completion", prompts[0], req.prompt if log_prompts else None)
         all_prompts = [p for p in prompts for _ in range(req.n)]
@@ -444,7 +456,7 @@ def create_app(
             return _sse(_completion_stream(gen, rid, name, want_lp, include_usage, usage_prompt))
         texts, reasons, lps, n_out = await _fold(gen, http, want_lp)
         _done(gen, name, "/v1/completions", usage_prompt, n_out)
-        return {
+        body = {
             "id": rid,
             "object": "text_completion",
             "created": int(time.time()),
@@ -461,8 +473,61 @@ def create_app(
             ],
             "usage": _usage(usage_prompt, n_out),
         }
+        if req.echo:
+            for c in body["choices"]:
+                text, lp = echoed[c["index"] // req.n]
+                c["text"] = text + c["text"]
+                c["logprobs"] = _join_logprobs(lp, c["logprobs"], len(text))
+        return body
 
     # -- helpers that need the app's state -----------------------------------------------------
+    async def _echo(req, prompts, sched: Scheduler, top: int) -> list[tuple[str, dict | None]]:
+        """(echoed text, legacy logprobs or None) per prompt, each scored in one pass."""
+        from pocketlm.serve.echo import echo_logprobs
+
+        texts = (
+            [req.prompt] if isinstance(req.prompt, str)
+            else list(req.prompt) if all(isinstance(p, str) for p in req.prompt)
+            else [None] * len(prompts)
+        )
+        out = []
+        for text, ids in zip(texts, prompts):
+            if len(ids) > sched.max_len:
+                raise APIError(
+                    400,
+                    f"the prompt is {len(ids)} tokens but this server's context per "
+                    f"request is {sched.max_len}; shorten the prompt",
+                    param="prompt",
+                    code="context_length_exceeded",
+                )
+            shown = text if text is not None else sched.tokenizer.decode(ids)
+            lp = None
+            if req.logprobs is not None:
+                lp = await asyncio.to_thread(echo_logprobs, sched.model, text, ids, top)
+            out.append((shown, lp))
+        return out
+
+    def _echo_only(req, name: str, prompts, echoed) -> dict:
+        n_prompt = sum(len(p) for p in prompts)
+        metrics.count_tokens(name, "prompt", n_prompt)
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": name,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": i,
+                    "text": echoed[i // req.n][0],
+                    "logprobs": echoed[i // req.n][1],
+                    "finish_reason": "length",
+                }
+                for i in range(len(prompts) * req.n)
+            ],
+            "usage": _usage(n_prompt, 0),
+        }
+
     def _submit(gen: _Generation, sched: Scheduler) -> None:
         for p in gen.prompts:
             if len(p) >= sched.max_len:
@@ -798,6 +863,21 @@ def _legacy_logprobs(entries: list[dict]) -> dict:
         "token_logprobs": [e["logprob"] for e in entries],
         "top_logprobs": [{x["token"]: x["logprob"] for x in e["top_logprobs"]} for e in entries],
         "text_offset": offsets,
+    }
+
+
+def _join_logprobs(prompt: dict | None, generated: dict | None, shift: int) -> dict | None:
+    """The echoed prompt's legacy logprobs followed by the generated tokens', whose text
+    offsets move past the prompt's ``shift`` characters."""
+    if prompt is None:
+        return generated
+    if generated is None:
+        return prompt
+    return {
+        "tokens": prompt["tokens"] + generated["tokens"],
+        "token_logprobs": prompt["token_logprobs"] + generated["token_logprobs"],
+        "top_logprobs": prompt["top_logprobs"] + generated["top_logprobs"],
+        "text_offset": prompt["text_offset"] + [o + shift for o in generated["text_offset"]],
     }
 
 
