@@ -1,0 +1,145 @@
+"""``POST /v1/completions``: plain continuation of one or more prompts (text or token ids),
+with ``echo`` (the prompt first, and with ``logprobs`` its tokens' log-probs, ``serve/echo.py``)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from fastapi import APIRouter
+from fastapi import Request as HTTPRequest
+
+from pocketlm.engine.scheduler import Scheduler
+from pocketlm.serve.errors import APIError, parse, refuse_unsupported
+from pocketlm.serve.generation import (
+    Generation,
+    completion_prompts,
+    constraint_for,
+    fold,
+    join_logprobs,
+    legacy_logprobs,
+    log_request,
+    record,
+    sampling_params,
+    seeded,
+    submit,
+    usage_of,
+)
+from pocketlm.serve.schemas import CompletionRequest
+from pocketlm.serve.streaming import completion_stream, sse
+
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+async def completions(http: HTTPRequest):
+    state = http.app.state
+    req = await parse(http, CompletionRequest)
+    name, sched = state.model_for(req.model)
+    refuse_unsupported(req)
+    if req.suffix or (req.best_of not in (None, 1, req.n)):
+        raise APIError(
+            400,
+            "suffix and best_of are not supported by pocketlm serve",
+            code="unsupported_parameter",
+        )
+    if req.echo and req.stream:
+        raise APIError(
+            400, "echo is not supported with stream; send stream: false", param="echo",
+            code="unsupported_parameter",
+        )
+    prompts = completion_prompts(req.prompt, sched)
+    top = req.logprobs or 0
+    max_tokens = req.max_tokens if req.max_tokens is not None else 16
+    if req.echo:  # the prompt's own tokens (and log-probs) lead each choice
+        echoed = await echo_prompts(req, prompts, sched, top)
+        if max_tokens == 0:  # scoring only: nothing to generate, no batch row taken
+            return echo_only(state.metrics, req, name, prompts, echoed)
+    params = sampling_params(req, max_tokens, top)
+    factory = await asyncio.to_thread(constraint_for, req.response_format, sched, req.ignore_eos)
+    log_request(name, "completion", prompts[0], req.prompt if state.log_prompts else None)
+    all_prompts = [p for p in prompts for _ in range(req.n)]
+    all_params = [seeded(params, j) for _ in prompts for j in range(req.n)]
+    gen = Generation(sched, all_prompts, all_params, state.timeout, factory)
+    submit(gen, sched)
+    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    usage_prompt = sum(len(p) for p in prompts)
+    want_lp = req.logprobs is not None
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return sse(completion_stream(state, gen, rid, name, want_lp, include_usage, usage_prompt))
+    texts, reasons, lps, n_out = await fold(gen, http, want_lp, state.timeout)
+    record(state.metrics, gen, name, "/v1/completions", usage_prompt, n_out)
+    body = {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": name,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": i,
+                "text": texts[i],
+                "logprobs": legacy_logprobs(lps[i]) if want_lp else None,
+                "finish_reason": reasons[i],
+            }
+            for i in range(len(all_prompts))
+        ],
+        "usage": usage_of(usage_prompt, n_out),
+    }
+    if req.echo:
+        for c in body["choices"]:
+            text, lp = echoed[c["index"] // req.n]
+            c["text"] = text + c["text"]
+            c["logprobs"] = join_logprobs(lp, c["logprobs"], len(text))
+    return body
+
+
+async def echo_prompts(req, prompts, sched: Scheduler, top: int) -> list[tuple[str, dict | None]]:
+    """(echoed text, legacy logprobs or None) per prompt, each scored in one pass."""
+    from pocketlm.serve.echo import echo_logprobs
+
+    texts = (
+        [req.prompt] if isinstance(req.prompt, str)
+        else list(req.prompt) if all(isinstance(p, str) for p in req.prompt)
+        else [None] * len(prompts)
+    )
+    out = []
+    for text, ids in zip(texts, prompts):
+        if len(ids) > sched.max_len:
+            raise APIError(
+                400,
+                f"the prompt is {len(ids)} tokens but this server's context per "
+                f"request is {sched.max_len}; shorten the prompt",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        shown = text if text is not None else sched.tokenizer.decode(ids)
+        lp = None
+        if req.logprobs is not None:
+            lp = await asyncio.to_thread(echo_logprobs, sched.model, text, ids, top)
+        out.append((shown, lp))
+    return out
+
+
+def echo_only(metrics, req, name: str, prompts, echoed) -> dict:
+    n_prompt = sum(len(p) for p in prompts)
+    metrics.count_tokens(name, "prompt", n_prompt)
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": name,
+        "system_fingerprint": None,
+        "choices": [
+            {
+                "index": i,
+                "text": echoed[i // req.n][0],
+                "logprobs": echoed[i // req.n][1],
+                "finish_reason": "length",
+            }
+            for i in range(len(prompts) * req.n)
+        ],
+        "usage": usage_of(n_prompt, 0),
+    }
