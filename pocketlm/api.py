@@ -297,10 +297,9 @@ def build_network(config: ModelConfig, state: dict, dtype=torch.float32, source:
             )
         with torch.no_grad():
             target.copy_(t)
-    # Buffers (RoPE tables) are not in the state dict: recompute them on the real device.
-    from pocketlm.model.transformer import rope_tables
-
-    network.rope_cos, network.rope_sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+    # Buffers (RoPE tables) are not in the state dict: recompute them on the real device,
+    # all of them (Llama 3's scaling, Gemma's local tables)
+    network.init_rope()
     if config.tie_embeddings:
         network.lm_head.weight = network.embed_tokens.weight
     return speed_up(network.to(dtype)).eval()

@@ -65,7 +65,12 @@ def awq_network(network, batch: torch.Tensor, grid: Grid, checkpoint_dir=None,
                 _fold(block.input_layernorm.weight, s, [attn.q_proj, attn.k_proj, attn.v_proj])
                 x, mean = xs["mlp.gate_proj"]
                 s, _ = search_scales([mlp.gate_proj.weight, mlp.up_proj.weight], x, grid, mean)
-                _fold(block.post_attention_layernorm.weight, s, [mlp.gate_proj, mlp.up_proj])
+                # the norm before the MLP: LLaMA's "post_attention_layernorm", Gemma's
+                # "pre_feedforward_layernorm" (its post_attention_layernorm normalises attention's
+                # output, and scaling it would change the residual stream)
+                pre_mlp = (block.pre_feedforward_layernorm if block.post_norms
+                           else block.post_attention_layernorm)
+                _fold(pre_mlp.weight, s, [mlp.gate_proj, mlp.up_proj])
                 x, mean = xs["mlp.down_proj"]
                 s, _ = search_scales([mlp.down_proj.weight], x, grid, mean)
                 mlp.up_proj.weight.div_(s[:, None])  # up's output rows feed down's input

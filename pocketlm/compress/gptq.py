@@ -112,12 +112,13 @@ class Layerwise:
         self.key = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         self.dir = Path(checkpoint_dir) if checkpoint_dir else None
         s, L = batch.shape
-        pos = torch.arange(L)
-        self.cos = network.rope_cos[pos][None, None]  # (1, 1, L, E)
-        self.sin = network.rope_sin[pos][None, None]
-        self.mask = (pos[None, :] <= pos[:, None])[None, None]  # (1, 1, L, L)
+        # the (cos, sin, mask) blocks take, as the whole network's forward gives them: Gemma's
+        # local layers have their own RoPE tables and a windowed mask. Keyed by "is it local"
+        # (not by index), so a copy of a block runs as its original would
+        self.ctx = {bool(b.self_attn.window): network.layer_context(i, torch.arange(L)[None])
+                    for i, b in reversed(list(enumerate(network.layers)))}
         with torch.inference_mode():
-            self.hidden = torch.cat([network.embed_tokens(batch[i: i + micro_batch])
+            self.hidden = torch.cat([network.embed(batch[i: i + micro_batch])
                                      for i in range(0, s, micro_batch)]).clone()
 
     @torch.inference_mode()
@@ -130,7 +131,7 @@ class Layerwise:
         return [self.hidden[i: i + self.micro] for i in range(0, self.hidden.shape[0], self.micro)]
 
     def forward(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return block(x, self.cos, self.sin, self.mask, None, None)
+        return block(x, *self.ctx[bool(block.self_attn.window)], None, None)
 
     def save(self, i: int, block: nn.Module) -> None:
         if not self.dir:

@@ -195,13 +195,17 @@ def _sparsegpt_columns(Wt, Hinv, sparsity, pattern, blocksize) -> None:
 
 
 # -- running calibration data through the network block by block -----------------------------
-def block_context(network, seq_len: int):
-    """cos, sin and causal mask that ``Block.forward`` takes, for a batch of seq_len tokens."""
+def block_context(network, seq_len: int, layer: int = 0) -> tuple:
+    """The (cos, sin, mask) that block ``layer``'s ``forward`` takes for a batch of seq_len
+    tokens from position 0 (``Transformer.layer_context``: Gemma's local layers get their own
+    RoPE tables and the windowed mask)."""
     positions = torch.arange(seq_len)[None, :]  # (1, T): broadcasts over the batch
-    cos = network.rope_cos[positions].unsqueeze(1)  # (1, 1, T, E)
-    sin = network.rope_sin[positions].unsqueeze(1)
-    mask = (positions[:, None, :] <= positions[:, :, None]).unsqueeze(1)  # (1, 1, T, T)
-    return cos, sin, mask
+    return network.layer_context(layer, positions)
+
+
+def block_contexts(network, seq_len: int) -> list[tuple]:
+    """``block_context`` for every block, in order."""
+    return [block_context(network, seq_len, i) for i in range(len(network.layers))]
 
 
 @torch.no_grad()
@@ -292,9 +296,9 @@ def prune(model, method: str = "wanda", sparsity: float | None = None,
         if method == "sparsegpt":
             settings.update(blocksize=blocksize, damp=damp)
         dtype = net.embed_tokens.weight.dtype
-        x = net.embed_tokens(calib.tokens)  # (N, T, D): the first block's inputs
-        ctx = block_context(net, calib.tokens.shape[1])
-        for block in _progress(net.layers, f"prune {method}", progress):
+        x = net.embed(calib.tokens)  # (N, T, D): the first block's inputs
+        contexts = block_contexts(net, calib.tokens.shape[1])
+        for block, ctx in _progress(list(zip(net.layers, contexts)), f"prune {method}", progress):
             linears = _linears(block)
             stats = InputStats(linears, gram=method == "sparsegpt")
             run_block(block, x, ctx)

@@ -332,7 +332,7 @@ def swap_in(network: nn.Module, state: dict, qconfig: dict) -> nn.Module:
 
 def build_quantized_network(config, state: dict, qconfig: dict, dtype=torch.float32):
     """A ``Transformer`` with quantized modules, from a saved state dict and its qconfig."""
-    from pocketlm.model.transformer import Transformer, rope_tables
+    from pocketlm.model.transformer import Transformer
 
     with torch.device("meta"):
         network = Transformer(config)
@@ -340,8 +340,7 @@ def build_quantized_network(config, state: dict, qconfig: dict, dtype=torch.floa
     if config.tie_embeddings and "lm_head" not in qconfig.get("modules", {}):
         network.lm_head.weight = network.embed_tokens.weight
     swap_in(network, state, qconfig)
-    cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-    network.rope_cos, network.rope_sin = cos.to(dtype), sin.to(dtype)
+    network.init_rope(dtype)  # every table: Llama 3's scaling, Gemma's local ones
     if config.tie_embeddings and "lm_head" not in qconfig.get("modules", {}):
         network.lm_head.weight = network.embed_tokens.weight
     # Only float parameters change dtype; codes stay uint8 and scales fp16.

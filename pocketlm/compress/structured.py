@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pocketlm.compress.prune import _progress, block_context, load_calibration, run_block
+from pocketlm.compress.prune import _progress, block_contexts, load_calibration, run_block
 from pocketlm.errors import InvalidArgument
 
 UNITS = ("heads", "mlp", "layers")
@@ -75,6 +75,8 @@ def channel_importance(down_weight: torch.Tensor, sumsq: torch.Tensor) -> torch.
 # -- surgery -----------------------------------------------------------------------------------
 def _keep_rows(lin: nn.Linear, idx: torch.Tensor) -> None:
     lin.weight = nn.Parameter(lin.weight.data[idx].clone())
+    if lin.bias is not None:  # Qwen2's q/k/v biases go with their rows
+        lin.bias = nn.Parameter(lin.bias.data[idx].clone())
     lin.out_features = len(idx)
 
 
@@ -90,7 +92,9 @@ def _head_cols(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
 
 def remove_heads(attn, keep_q: torch.Tensor, keep_kv: torch.Tensor) -> None:
     """Keep query heads ``keep_q`` and kv heads ``keep_kv`` (sorted; each kept kv head's
-    kept query heads must be contiguous in ``keep_q`` so grouped attention still pairs them)."""
+    kept query heads must be contiguous in ``keep_q`` so grouped attention still pairs them).
+    Biases (Qwen2) are sliced with their rows; the q/k norms (Qwen3, Gemma) weigh each of a
+    head's E dimensions the same in every head, so they stay as they are."""
     E = attn.head_dim
     _keep_rows(attn.q_proj, _head_cols(keep_q, E))
     _keep_cols(attn.o_proj, _head_cols(keep_q, E))
@@ -151,6 +155,11 @@ def plan(config, unit: str, ratio: float, whole_groups: bool = False) -> dict:
         if not 0 < keep < config.hidden_dim:
             raise InvalidArgument(f"ratio {ratio} leaves {keep} of {config.hidden_dim} MLP channels")
         return {"hidden_dim": keep}
+    if config.sliding_window and config.sliding_window_pattern:
+        raise InvalidArgument(
+            f"removing whole layers of a {config.arch} model would shift its pattern of local "
+            f"(sliding-window) and global attention layers (every {config.sliding_window_pattern}th "
+            "is global, by index); prune 'heads' or 'mlp' instead")
     keep = config.n_layers - round(ratio * config.n_layers)
     if not 0 < keep < config.n_layers:
         raise InvalidArgument(f"ratio {ratio} leaves {keep} of {config.n_layers} layers")
@@ -176,12 +185,12 @@ def prune_structured(model, unit: str = "mlp", ratio: float = 0.25, whole_groups
     p = plan(cfg, unit, ratio, whole_groups)
     calib = load_calibration(model.tokenizer, calibration, samples, seq_len, seed)
     net = copy.deepcopy(model.network)
-    x = net.embed_tokens(calib.tokens)  # (N, T, D)
-    ctx = block_context(net, calib.tokens.shape[1])
+    x = net.embed(calib.tokens)  # (N, T, D)
+    contexts = block_contexts(net, calib.tokens.shape[1])
     removed: list = []
     if unit == "layers":
         influence = []
-        for block in _progress(net.layers, "score layers", progress):
+        for block, ctx in _progress(list(zip(net.layers, contexts)), "score layers", progress):
             y = run_block(block, x, ctx)
             cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)  # (N, T)
             influence.append(float(1 - cos.mean()))
@@ -191,7 +200,7 @@ def prune_structured(model, unit: str = "mlp", ratio: float = 0.25, whole_groups
         net.layers = nn.ModuleList(b for i, b in enumerate(net.layers) if i not in removed)
         scores = {"block_influence": [round(v, 6) for v in influence]}
     else:
-        for block in _progress(net.layers, f"prune {unit}", progress):
+        for block, ctx in _progress(list(zip(net.layers, contexts)), f"prune {unit}", progress):
             if unit == "heads":
                 attn = block.self_attn
                 acc = _Accumulate(attn.o_proj, lambda y: y.T @ y)

@@ -145,13 +145,18 @@ def kl_to_teacher(student_logits: torch.Tensor, teacher_logp: torch.Tensor) -> t
 def teacher_log_probs(teacher: nn.Module, batch: torch.Tensor) -> list[torch.Tensor]:
     """fp16 log-probs (T, V) of the float model for each window of ``batch`` (S, T)."""
     with torch.inference_mode():
-        return [_log_probs(teacher.lm_head, teacher.hidden(batch[i: i + 1])[0])
+        return [_log_probs(teacher, teacher.hidden(batch[i: i + 1])[0])
                 for i in range(batch.shape[0])]
 
 
-def _log_probs(head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def _log_probs(teacher: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """fp16 log-probs of the teacher's logits from its final hidden states (soft-capped where
+    the config says, as ``Transformer.forward`` does)."""
     with torch.inference_mode():
-        return F.log_softmax(head(hidden).float(), -1).half()
+        logits = teacher.lm_head(hidden).float()
+        if cap := teacher.config.final_softcap:
+            logits = torch.tanh(logits / cap) * cap
+        return F.log_softmax(logits, -1).half()
 
 
 def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, steps: int,
@@ -241,7 +246,7 @@ def tune_scales(network: nn.Module, teacher: nn.Module, batch: torch.Tensor, ste
                         else teacher_log_probs(teacher, window)[0])
             if caching or hidden_only:
                 cache[i] = kept
-        return _log_probs(teacher.lm_head, kept) if hidden_only else kept
+        return _log_probs(teacher, kept) if hidden_only else kept
 
     last_save = time.perf_counter()
     was_training = network.training

@@ -331,9 +331,7 @@ class Transformer(nn.Module):
         self._check_rope()
         cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, E)
         sin = self.rope_sin[positions].unsqueeze(1)
-        x = self.embed_tokens(tokens)  # (B, T, D)
-        if self.config.scale_embeddings:  # Gemma: sqrt(D), rounded to the weights' dtype as HF does
-            x = x * torch.tensor(self.config.dim**0.5, dtype=x.dtype)
+        x = self.embed(tokens)  # (B, T, D)
         if cache is None:  # attend within this call only, causally
             layer_caches = [None] * len(self.layers)
             write_index, mask = None, None
@@ -359,6 +357,28 @@ class Transformer(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, layer_cache, write_index)
         return self.norm(x)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The first block's inputs (B, T, D) for token ids (B, T)."""
+        x = self.embed_tokens(tokens)
+        if self.config.scale_embeddings:  # Gemma: sqrt(D), rounded to the weights' dtype as HF does
+            x = x * torch.tensor(self.config.dim**0.5, dtype=x.dtype)
+        return x
+
+    def layer_context(self, i: int, positions: torch.Tensor):
+        """(cos, sin, mask) that ``self.layers[i]`` takes in an uncached pass over ``positions``
+        (B or 1, T): what ``hidden`` gives it, for tools that run the blocks one at a time
+        (GPTQ, AWQ, pruning). A local layer gets its own RoPE tables and the windowed mask;
+        the mask is explicit (B, 1, T, T) bool. Layer i is local if its attention has a window
+        (so a list of layers with some removed still knows which are which).
+        """
+        self._check_rope()
+        cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, E)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        mask = (positions[:, None, :] <= positions[:, :, None]).unsqueeze(1)  # (B, 1, T, T)
+        if self.layers[i].self_attn.window:
+            return self._local_context(positions, positions, cos, sin, mask)
+        return cos, sin, mask
 
     def _local_context(self, positions, key_positions, cos, sin, mask):
         """cos, sin and mask for Gemma's local layers: their own RoPE base, and each query
