@@ -27,7 +27,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / "qgemv.cpp", HERE / "decode.cpp", HERE / "attention.cpp",
-           HERE / "elementwise.cpp"]
+           HERE / "elementwise.cpp", HERE / "ggml.cpp"]
 HEADERS = [HERE / "kernels.h"]
 
 
