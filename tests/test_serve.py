@@ -335,13 +335,16 @@ def test_echo_returns_the_prompts_logprobs_from_one_pass(server, tiny):
     """OpenAI's legacy echo + logprobs (what lm-eval's local-completions sends): every prompt
     token, its log-prob given the tokens before it (none for the first), the top N there, and
     where it starts in the echoed text."""
-    url, _ = server
+    url, app = server
     prompt = "the cat sat on the mat"
     ids = tiny.encode(prompt)
     lp = torch.log_softmax(tiny.logits(ids).double(), dim=-1)  # (T, V)
+    sched = app.state.schedulers["tiny"]
     for max_tokens in (0, 1):
+        steps = sched.steps
         r = client(url).completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens,
                                            temperature=0, logprobs=2, echo=True)
+        assert sched.steps == steps  # scored (and its one greedy token taken) in one pass
         c = r.choices[0]
         assert c.text.startswith(prompt)
         got = c.logprobs
@@ -358,13 +361,35 @@ def test_echo_returns_the_prompts_logprobs_from_one_pass(server, tiny):
         # each token starts where the text before it ends
         starts = [len(tiny.tokenizer.decode(ids[:j])) for j in range(len(ids))]
         assert got.text_offset[: len(ids)] == starts
-        if max_tokens:  # the generated token follows, offset past the prompt
+        if max_tokens:  # the greedy token follows, offset past the prompt
             assert got.text_offset[-1] == len(prompt)
             assert got.tokens[-1] == c.text[len(prompt):]
+            assert c.text[len(prompt):] == tiny.generate(prompt, max_tokens=1, temperature=0)
+            last = torch.log_softmax(tiny.logits(ids)[-1].double(), dim=-1)
+            assert got.token_logprobs[-1] == pytest.approx(float(last.max()), abs=1e-4)
             assert r.usage.completion_tokens == 1
         else:
             assert c.text == prompt and r.usage.completion_tokens == 0
         assert r.usage.prompt_tokens == len(ids)
+
+
+def test_echo_with_sampling_or_more_tokens_goes_through_the_scheduler(server, tiny):
+    """Only one greedy token comes from the scoring pass; anything else is decoded as usual,
+    and the prompt's log-probs lead the generated ones either way."""
+    url, _ = server
+    prompt = "the dog ran"
+    n_prompt = len(tiny.encode(prompt))
+    for greedy, extra in ((True, {"max_tokens": 4, "temperature": 0}),
+                          (False, {"max_tokens": 1, "n": 2, "seed": 5})):
+        r = client(url).completions.create(model="tiny", prompt=prompt, logprobs=1, echo=True,
+                                           **extra)
+        for c in r.choices:
+            assert c.text.startswith(prompt)
+            assert len(c.logprobs.tokens) == n_prompt + extra["max_tokens"]
+            assert c.logprobs.text_offset[n_prompt] == len(prompt)
+        if greedy:
+            want = tiny.generate(prompt, max_tokens=4, temperature=0)
+            assert r.choices[0].text == prompt + want
 
 
 def test_echo_of_token_ids_and_without_logprobs(server, tiny):

@@ -33,37 +33,47 @@ def text_offsets(tokenizer, text: str | None, ids: list[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def prompt_logprobs(model, ids: list[int], top: int, chunk: int = 512):
+def prompt_logprobs(model, ids: list[int], top: int, with_next: bool = False, chunk: int = 512):
     """log p(ids[t] | ids[:t]) for t >= 1 and the ``top`` most likely tokens at each t.
 
-    Returns (logprobs [None, float, ...], tops [None, [(id, logprob), ...], ...]), each of
-    len(ids). Logits are computed ``chunk`` positions at a time: (T, V) at once would be GBs
-    for a long prompt and a 150k vocabulary.
+    Returns (logprobs [None, float, ...], tops [None, [(id, logprob), ...], ...], next): the
+    first two of len(ids); ``next`` is, with ``with_next``, the greedy next token after the
+    whole prompt from the same pass, (id, logprob, [(id, logprob), ...top]), else None.
+    Logits are computed ``chunk`` positions at a time: (T, V) at once would be GBs for a long
+    prompt and a 150k vocabulary.
     """
     net = model.network
     lps: list[float | None] = [None]
     tops: list[list[tuple[int, float]] | None] = [None]
-    if len(ids) < 2:
-        return lps, tops
-    h = net.hidden(torch.tensor([ids[:-1]]))[0]  # (T-1, D)
+    seen = ids if with_next else ids[:-1]
+    if not seen:
+        return lps, tops, None
+    h = net.hidden(torch.tensor([seen]))[0]  # (T or T-1, D)
     targets = torch.tensor(ids[1:])
+    nxt = None
     for s in range(0, h.shape[0], chunk):
         lp = torch.log_softmax(net.lm_head(h[s : s + chunk]).float(), dim=-1)  # (m, V)
-        t = targets[s : s + chunk]
+        if with_next and s + chunk >= h.shape[0]:  # the last row predicts past the prompt
+            last = lp[-1]
+            v, i = last.topk(max(top, 1))
+            nxt = (int(i[0]), float(v[0]), list(zip(i.tolist(), v.double().tolist()))[:top])
+            lp = lp[:-1]
+        t = targets[s : s + len(lp)]
         lps += lp.gather(1, t[:, None])[:, 0].double().tolist()
         if top:
             v, i = lp.topk(top, dim=-1)
             tops += [list(zip(ii, vv)) for ii, vv in zip(i.tolist(), v.double().tolist())]
         else:
             tops += [[] for _ in range(len(t))]
-    return lps, tops
+    return lps, tops, nxt
 
 
-def echo_logprobs(model, text: str | None, ids: list[int], top: int) -> dict:
-    """The legacy ``logprobs`` object of the prompt (the first token has no log-prob)."""
+def echo_logprobs(model, text: str | None, ids: list[int], top: int, with_next: bool = False):
+    """(the legacy ``logprobs`` object of the prompt, the first token without a log-prob;
+    ``next`` as ``prompt_logprobs`` gives it)."""
     tok = model.tokenizer
-    lps, tops = prompt_logprobs(model, ids, top)
-    return {
+    lps, tops, nxt = prompt_logprobs(model, ids, top, with_next)
+    lp = {
         "tokens": [tok.token_text(i) for i in ids],
         "token_logprobs": lps,
         "top_logprobs": [
@@ -71,3 +81,4 @@ def echo_logprobs(model, text: str | None, ids: list[int], top: int) -> dict:
         ],
         "text_offset": text_offsets(tok, text, ids),
     }
+    return lp, nxt

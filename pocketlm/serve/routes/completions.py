@@ -52,11 +52,23 @@ async def completions(http: HTTPRequest):
     prompts = completion_prompts(req.prompt, sched)
     top = req.logprobs or 0
     max_tokens = req.max_tokens if req.max_tokens is not None else 16
+    # lm-eval's scoring request (echo, logprobs, one greedy token): the pass that scores the
+    # prompt also gives that token, so the scheduler need not prefill the prompt again
+    one_greedy = (
+        req.echo and req.logprobs is not None and max_tokens == 1 and req.temperature == 0
+        and req.n == 1 and req.repetition_penalty == 1.0 and not req.ignore_eos
+        and (req.response_format is None or req.response_format.type == "text")
+    )
+    if max_tokens or not req.echo:
+        params = sampling_params(req, max_tokens, top)
     if req.echo:  # the prompt's own tokens (and log-probs) lead each choice
-        echoed = await echo_prompts(req, prompts, sched, top)
+        echoed = await echo_prompts(req, prompts, sched, top, one_greedy)
         if max_tokens == 0:  # scoring only: nothing to generate, no batch row taken
             return echo_only(state.metrics, req, name, prompts, echoed)
-    params = sampling_params(req, max_tokens, top)
+        if one_greedy:
+            body = greedy_from_echo(state.metrics, name, prompts, echoed, sched, params.stop)
+            if body is not None:
+                return body
     factory = await asyncio.to_thread(constraint_for, req.response_format, sched, req.ignore_eos)
     log_request(name, "completion", prompts[0], req.prompt if state.log_prompts else None)
     all_prompts = [p for p in prompts for _ in range(req.n)]
@@ -90,14 +102,15 @@ async def completions(http: HTTPRequest):
     }
     if req.echo:
         for c in body["choices"]:
-            text, lp = echoed[c["index"] // req.n]
+            text, lp, _ = echoed[c["index"] // req.n]
             c["text"] = text + c["text"]
             c["logprobs"] = join_logprobs(lp, c["logprobs"], len(text))
     return body
 
 
-async def echo_prompts(req, prompts, sched: Scheduler, top: int) -> list[tuple[str, dict | None]]:
-    """(echoed text, legacy logprobs or None) per prompt, each scored in one pass."""
+async def echo_prompts(req, prompts, sched: Scheduler, top: int, with_next: bool = False):
+    """(echoed text, legacy logprobs or None, greedy next token or None) per prompt, each
+    scored in one pass (``serve/echo.py``)."""
     from pocketlm.serve.echo import echo_logprobs
 
     texts = (
@@ -116,10 +129,11 @@ async def echo_prompts(req, prompts, sched: Scheduler, top: int) -> list[tuple[s
                 code="context_length_exceeded",
             )
         shown = text if text is not None else sched.tokenizer.decode(ids)
-        lp = None
+        lp = nxt = None
         if req.logprobs is not None:
-            lp = await asyncio.to_thread(echo_logprobs, sched.model, text, ids, top)
-        out.append((shown, lp))
+            lp, nxt = await asyncio.to_thread(echo_logprobs, sched.model, text, ids, top,
+                                              with_next)
+        out.append((shown, lp, nxt))
     return out
 
 
@@ -143,3 +157,26 @@ def echo_only(metrics, req, name: str, prompts, echoed) -> dict:
         ],
         "usage": usage_of(n_prompt, 0),
     }
+
+
+def greedy_from_echo(metrics, name: str, prompts, echoed, sched: Scheduler, stop) -> dict | None:
+    """The reply for one greedy token per prompt, taken from the echo pass; None (the
+    scheduler decodes it instead) when a token would end generation or hit a stop string,
+    or a prompt leaves no room for it."""
+    tok = sched.tokenizer
+    choices = []
+    for i, ((shown, lp, nxt), ids) in enumerate(zip(echoed, prompts)):
+        tid, tlp, tops = nxt
+        piece = tok.token_text(tid)
+        if tid in tok.stop_ids or any(s in piece for s in stop) or len(ids) >= sched.max_len:
+            return None
+        gen = {"tokens": [piece], "token_logprobs": [tlp],
+               "top_logprobs": [{tok.token_text(j): v for j, v in tops}], "text_offset": [0]}
+        choices.append({"index": i, "text": shown + piece,
+                        "logprobs": join_logprobs(lp, gen, len(shown)), "finish_reason": "length"})
+    n_prompt = sum(len(p) for p in prompts)
+    metrics.count_tokens(name, "prompt", n_prompt)
+    metrics.count_tokens(name, "completion", len(prompts))
+    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
+            "created": int(time.time()), "model": name, "system_fingerprint": None,
+            "choices": choices, "usage": usage_of(n_prompt, len(prompts))}
