@@ -9,7 +9,20 @@ batch row is taken, so generation keeps its batching.
 
 from __future__ import annotations
 
+import threading
+import weakref
+
 import torch
+
+# One scoring pass per model at a time: requests come on executor threads, and several
+# passes at once would only split two cores and hold their logits chunks side by side.
+_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_for(model) -> threading.Lock:
+    with _LOCKS_GUARD:
+        return _LOCKS.setdefault(model, threading.Lock())
 
 
 def text_offsets(tokenizer, text: str | None, ids: list[int]) -> list[int]:
@@ -33,15 +46,20 @@ def text_offsets(tokenizer, text: str | None, ids: list[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def prompt_logprobs(model, ids: list[int], top: int, with_next: bool = False, chunk: int = 512):
+def prompt_logprobs(model, ids: list[int], top: int, with_next: bool = False, chunk: int = 128):
     """log p(ids[t] | ids[:t]) for t >= 1 and the ``top`` most likely tokens at each t.
 
     Returns (logprobs [None, float, ...], tops [None, [(id, logprob), ...], ...], next): the
     first two of len(ids); ``next`` is, with ``with_next``, the greedy next token after the
     whole prompt from the same pass, (id, logprob, [(id, logprob), ...top]), else None.
     Logits are computed ``chunk`` positions at a time: (T, V) at once would be GBs for a long
-    prompt and a 150k vocabulary.
+    prompt and a 150k vocabulary (128 x 150k fp32 is 77 MB).
     """
+    with _lock_for(model):
+        return _prompt_logprobs(model, ids, top, with_next, chunk)
+
+
+def _prompt_logprobs(model, ids, top, with_next, chunk):
     net = model.network
     lps: list[float | None] = [None]
     tops: list[list[tuple[int, float]] | None] = [None]
