@@ -8,9 +8,9 @@ Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completion
 Every request's tokens come from the scheduler's one decode loop; the non-streaming reply is
 a fold over the same event stream the streaming reply sends (``serve/generation.py``,
 ``serve/streaming.py``). The routes are ``APIRouter``s in ``serve/routes/`` reading what this
-module puts on ``app.state``. ``/v1/completions`` with
-``echo`` returns the prompt first, and with ``logprobs`` the prompt tokens' log-probs from one
-forward pass (``serve/echo.py``; ``max_tokens: 0`` scores without generating). Errors use OpenAI's body,
+module puts on ``app.state``. ``/v1/completions`` with ``echo`` returns the prompt first, and
+with ``logprobs`` the prompt tokens' log-probs from one forward pass (``serve/echo.py``;
+``max_tokens: 0`` scores without generating). Errors (``serve/errors.py``) use OpenAI's body,
 ``{"error": {"message", "type", "param", "code"}}``, with 400 for bad input, 401 for a
 missing/wrong key, 404 for an unknown model or route, 429 (+ ``Retry-After``) when the queue
 is full, 408 when a request runs past ``timeout``.
