@@ -163,7 +163,10 @@ class Model:
             cfg = self.config.to_hf()
             if getattr(self.network, "quantization_config", None):  # packed weights: see compress/
                 cfg["quantization_config"] = self.network.quantization_config
-            hf_format.save_state_dict(self.network.state_dict(), folder, self.config.tie_embeddings)
+            from pocketlm.model.ggml import float_state_dict  # GGUF blocks: saved as fp32
+
+            hf_format.save_state_dict(float_state_dict(self.network), folder,
+                                      self.config.tie_embeddings)
             self.tokenizer.save(folder)
             self.card.save(folder, self.config)  # card.json and the README.md model card
             tmp = folder / "config.json.tmp"

@@ -41,8 +41,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model name, .gguf file or model folder")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: $POCKETLM_THREADS or all cores)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="compute dtype for the weights (default float32)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="weights in memory: auto (default) keeps a GGUF file's quantized and "
+                        "16-bit tensors packed, as in the file; float32/bfloat16 dequantize "
+                        "every weight to that dtype")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.8) -> None:
@@ -107,12 +109,18 @@ def sampling_from_args(a: argparse.Namespace) -> dict:
 
 
 def load_from_args(a: argparse.Namespace):
-    import torch
 
     from pocketlm.api import load
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[getattr(a, "dtype", "float32")]
-    return load(a.model, dtype=dtype, threads=getattr(a, "threads", None))
+    return load(a.model, dtype=parse_dtype(getattr(a, "dtype", "auto")),
+                threads=getattr(a, "threads", None))
+
+
+def parse_dtype(name: str):
+    """--dtype's value as load()'s dtype: None ("auto": GGUF blocks stay packed) or a torch dtype."""
+    import torch
+
+    return {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
 # -- engine verbs ---------------------------------------------------------------------------

@@ -124,6 +124,16 @@ def test_quantized_gguf_loads_packed_and_matches_fp32(quantized_gguf):
             dense.generate(prompt, max_tokens=12, temperature=0)
 
 
+def test_a_packed_model_saves_as_a_folder_that_loads_back(quantized_gguf, tmp_path):
+    path, _ = quantized_gguf
+    packed = pocketlm.load(path)
+    back = pocketlm.load(packed.save(tmp_path / "saved"))  # blocks dequantized into safetensors
+    ids = packed.encode("The quick brown fox jumps over the lazy dog.")
+    assert torch.allclose(back.logits(ids), packed.logits(ids), atol=1e-4, rtol=1e-4)
+    assert back.generate("Once upon a time", max_tokens=8, temperature=0) == \
+        packed.generate("Once upon a time", max_tokens=8, temperature=0)
+
+
 # -- the real Qwen2.5-Coder 0.5B Q4_K_M file (Q5_0, Q8_0, Q4_K, Q6_K), when it has been pulled --
 # Network level (token ids, no tokenizer), so these test the weights alone.
 REAL = "qwen2.5-coder-0.5b-instruct"

@@ -106,6 +106,8 @@ def register(subparsers) -> None:
 def cmd_quantize(a: argparse.Namespace) -> None:
     from pathlib import Path
 
+    import torch
+
     from pocketlm.api import load
     from pocketlm.compress.qlinear import backend
     from pocketlm.compress.quantize import check_settings, quantize
@@ -120,7 +122,7 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     from pocketlm.lock import output_lock
 
     with output_lock(out):  # one writer of OUT and its .partial checkpoints, refused at once
-        model = load(a.model, threads=a.threads)
+        model = load(a.model, dtype=torch.float32, threads=a.threads)  # steps change fp32 weights
         checkpoint = out.parent / (out.name + ".partial")
         try:
             q = quantize(model, a.method, a.bits, group, a.sym, keep, a.calibration, a.samples,

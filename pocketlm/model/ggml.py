@@ -233,3 +233,16 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 def packed_modules(network: nn.Module) -> list[GGMLTensor]:
     return [m for m in network.modules() if isinstance(m, GGMLTensor)]
+
+
+def float_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
+    """``network.state_dict()`` with every packed GGML weight dequantized to fp32 under its
+    ``.weight`` name (one tensor at a time), so a model loaded packed saves as a plain folder
+    that our loader and transformers read. A tied head adds nothing: the folder ties it."""
+    state = network.state_dict()
+    for name, module in network.named_modules():
+        if isinstance(module, GGMLTensor):
+            prefix = f"{name}." if name else ""
+            state.pop(prefix + "blocks", None)
+            state[prefix + "weight"] = module.dequantize()
+    return state

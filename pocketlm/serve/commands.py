@@ -32,7 +32,6 @@ def model_id(name: str) -> str:
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
-    import torch
     import uvicorn
 
     from pocketlm.api import load, set_threads
@@ -42,7 +41,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise InvalidArgument("--max-batch must be >= 1 and --max-queue >= 0")
     if a.timeout is not None and a.timeout <= 0:
         raise InvalidArgument("--timeout must be > 0 seconds")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
+    from pocketlm.cli import parse_dtype
+
+    dtype = parse_dtype(a.dtype)
     set_threads(a.threads)
     if not a.model and not a.router:
         raise InvalidArgument("name at least one model to serve, or --router router.yaml")

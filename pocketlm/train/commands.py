@@ -185,10 +185,12 @@ def _out_lock(out: str):
 def cmd_finetune(a):
     import os
 
+    import torch
+
     from pocketlm.api import load
 
     _threads(a)
-    model = load(a.model, threads=None)
+    model = load(a.model, dtype=torch.float32, threads=None)  # training updates fp32 weights
     data = _data(a, model.tokenizer)
     base = str(Path(a.model).resolve()) if Path(a.model).exists() else a.model
     targets = [t.strip() for t in a.lora_targets.split(",") if t.strip()]
@@ -213,12 +215,14 @@ def cmd_finetune(a):
 def cmd_distill(a):
     import os
 
+    import torch
+
     from pocketlm.api import load
     from pocketlm.train.distill import make_student
     from pocketlm.train.steps import distill
 
     _threads(a)
-    teacher = load(a.teacher, threads=None)
+    teacher = load(a.teacher, dtype=torch.float32, threads=None)
     student = make_student(a.student, teacher, seed=a.seed)
     data = _data(a, teacher.tokenizer)
     with _out_lock(a.out):

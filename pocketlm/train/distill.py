@@ -377,7 +377,7 @@ def make_student(spec: str, teacher_model, seed: int = 0, calibration: str | Pat
         return random_student(teacher_model, parse_config_spec(spec, teacher_model.config), seed)
     from pocketlm.api import load
 
-    student = load(spec)
+    student = load(spec, dtype=torch.float32)  # trained: fp32 weights
     check_tokenizers(teacher_model, student)
     return student
 
