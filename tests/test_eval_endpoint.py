@@ -198,3 +198,16 @@ def test_cli_endpoint_run(our_server, tasks, capsys):
     assert rc == 0 and "exact_match" in capsys.readouterr().out
     assert main(["eval", "--endpoint", our_server, "--tasks", str(tasks / "gen.yaml")]) == 2
     assert "--model NAME" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_banking77_on_the_real_model_through_our_server_equals_the_direct_run(default_model):
+    """SmolLM2-135M on the shipped banking77 YAML (77 choices an item): the same per-choice
+    log-likelihoods and accuracy through ``serve`` as directly."""
+    task_file = Path(pocketlm.__file__).parent / "tasks" / "banking77.yaml"
+    direct = evaluate(default_model, str(task_file), limit=1, use_cache=False, progress=False,
+                      record=False, details=True)
+    with ServerThread(create_app({"smollm2": default_model})) as url:
+        served = evaluate(None, str(task_file), limit=1, endpoint=EndpointLM(url, "smollm2"),
+                          use_cache=False, progress=False, details=True)
+    assert_same_log_likelihoods(direct, served, "banking77")
