@@ -118,3 +118,70 @@ def test_tensor_type_the_reader_cannot_dequantize_is_named(tmp_path, tiny_model,
     monkeypatch.setattr(gguf.quants, "dequantize", refuse)
     with pytest.raises(UnsupportedModel, match="stored as Q8_0"):
         pocketlm.load(path, dtype=torch.float32)
+
+
+def _write_mixed(path):
+    """A small file with metadata of many value types and tensors of several storage types."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_uint8("t.u8", 7)
+    w.add_int8("t.i8", -3)
+    w.add_uint16("t.u16", 65000)
+    w.add_int16("t.i16", -12345)
+    w.add_uint32("t.u32", 4_000_000_000)
+    w.add_int32("t.i32", -7)
+    w.add_float32("t.f32", 0.25)
+    w.add_bool("t.bool", True)
+    w.add_uint64("t.u64", 2**40 + 3)
+    w.add_int64("t.i64", -(2**40))
+    w.add_float64("t.f64", 1.0 / 3.0)
+    w.add_string("t.str", "héllo ✓")
+    w.add_array("t.ints", [1, -2, 300000])
+    w.add_array("t.floats", [0.5, -1.5])
+    w.add_token_list(["a", "é", "<|end|>", ""])
+    w.add_token_merges(["a b", "é x"])
+    rng = np.random.default_rng(0)
+    for name, kind, shape in [("f32", Q.F32, (3, 5)), ("norm", Q.F32, (64,)), ("f16", Q.F16, (4, 64)),
+                              ("bf16", Q.BF16, (2, 32)), ("q8", Q.Q8_0, (3, 64)), ("q4", Q.Q4_0, (2, 32)),
+                              ("q5", Q.Q5_1, (2, 64))]:
+        a = rng.standard_normal(shape).astype(np.float32)
+        w.add_tensor(name, gguf.quants.quantize(a, kind), raw_dtype=kind)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_own_parser_reads_what_the_gguf_package_reads(tmp_path):
+    from pocketlm.formats.gguf import GGUFFile
+
+    path = _write_mixed(tmp_path / "mixed.gguf")
+    ours, ref = GGUFFile(path), gguf.GGUFReader(str(path))
+    want = {k: f.contents() for k, f in ref.fields.items()}
+    assert ours.metadata == want
+    assert ours.get("t.str") == "héllo ✓" and ours.get("tokenizer.ggml.tokens")[1] == "é"
+    assert ours.get("t.u64") == 2**40 + 3 and ours.get("t.bool") is True
+    assert list(ours.tensors) == [t.name for t in ref.tensors]
+    for t in ref.tensors:
+        mine = ours.tensors[t.name]
+        assert mine.tensor_type == t.tensor_type
+        assert mine.shape.tolist() == t.shape.tolist()
+        assert (mine.n_elements, mine.n_bytes, mine.data_offset) == (t.n_elements, t.n_bytes, t.data_offset)
+        assert mine.data.dtype == t.data.dtype and mine.data.shape == t.data.shape
+        assert np.array_equal(mine.data, t.data)
+        assert isinstance(mine.data.base, np.memmap) or isinstance(mine.data, np.memmap)  # no copy
+    assert ours.quant_summary() in {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q5_1"}
+
+
+@pytest.mark.parametrize("keep", [3, 20, 100, "tensors", -1])
+def test_truncated_gguf_is_a_format_error_naming_the_file(tmp_path, keep):
+    from pocketlm.errors import FormatError
+    from pocketlm.formats.gguf import GGUFFile
+
+    full = _write_mixed(tmp_path / "full.gguf").read_bytes()
+    if keep == "tensors":  # cut inside the tensor infos, after all the metadata
+        keep = full.index(b"q5") + 1
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(full[:keep])
+    with pytest.raises(FormatError, match=r"cut\.gguf.*(truncated|not a GGUF|ends early|past the end)"):
+        GGUFFile(cut)

@@ -11,6 +11,8 @@ RMSNorm multiplies by, so they are read as they are.
 
 from __future__ import annotations
 
+import functools
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -55,28 +57,33 @@ _LLAMA3_SCALINGS = [
 
 
 class GGUFFile:
-    """A parsed GGUF file: ``metadata`` (dict) and the raw tensors, read lazily (memory-mapped)."""
+    """A parsed GGUF file: ``metadata`` (dict) and ``tensors`` (name -> ``GGUFTensor``, whose
+    data are views of the memory-mapped file). Parsed here, not by ``gguf.GGUFReader``, which
+    costs ~0.5 GB of numpy objects for a 150k-token vocabulary; raises FormatError for a
+    truncated or corrupt file."""
 
     def __init__(self, path: str | Path):
-        import gguf
-
         self.path = Path(path)
         if not self.path.is_file():
             raise FormatError(f"no GGUF file at {self.path}")
         try:
-            self.reader = gguf.GGUFReader(str(self.path))
-        except Exception as e:  # noqa: BLE001 - the reader raises ValueError, IndexError, ...
+            self._map = np.memmap(self.path, mode="r")
+        except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
+            raise FormatError(f"{self.path} is not a readable GGUF file ({e})") from None
+        try:
+            self.metadata, self.tensors = _parse(self.path, self._map)
+        except _Corrupt as e:
             raise FormatError(
-                f"{self.path} is not a readable GGUF file ({type(e).__name__}: {e}). "
-                "It may be truncated or corrupted: download it again and check its sha256."
+                f"{self.path} is not a readable GGUF file: {e}. It may be truncated or "
+                "corrupted: download it again and check its sha256."
             ) from None
-        self.metadata = {}
-        for key, field in self.reader.fields.items():
-            try:
-                self.metadata[key] = field.contents()
-            except Exception:  # noqa: BLE001, S110 - a field we cannot decode we do not use
-                pass
-        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    @functools.cached_property
+    def reader(self):
+        """The ``gguf`` package's reader of the same file (memory-hungry: built on first use)."""
+        import gguf
+
+        return gguf.GGUFReader(str(self.path))
 
     def get(self, key: str, default=None):
         return self.metadata.get(key, default)
@@ -89,8 +96,167 @@ class GGUFFile:
         """The file's dominant tensor type, e.g. 'Q4_1' (what `pocketlm list` shows)."""
         from collections import Counter
 
-        counts = Counter(t.tensor_type.name for t in self.reader.tensors if len(t.shape) > 1)
+        counts = Counter(t.tensor_type.name for t in self.tensors.values() if len(t.shape) > 1)
         return counts.most_common(1)[0][0] if counts else "?"
+
+
+
+class GGUFTensor:
+    """One tensor of a GGUF file, described the way ``gguf.GGUFReader`` describes it.
+
+    ``shape`` lists the dimensions GGUF's way (ne0, the columns, first); ``data`` is a read-only
+    view of the memory-mapped file shaped like the reader's (numpy's order, the last axis in
+    bytes for block-quantized types).
+    """
+
+    __slots__ = ("data", "data_offset", "n_bytes", "n_elements", "name", "shape", "tensor_type")
+
+    def __init__(self, name, tensor_type, shape, n_elements, n_bytes, data_offset, data):
+        self.name, self.tensor_type, self.shape = name, tensor_type, shape
+        self.n_elements, self.n_bytes, self.data_offset, self.data = n_elements, n_bytes, data_offset, data
+
+    def __repr__(self) -> str:
+        return f"GGUFTensor({self.name!r}, {self.tensor_type.name}, shape={tuple(int(n) for n in self.shape)})"
+
+
+class _Corrupt(Exception):
+    pass
+
+
+class _Parser:
+    """Reads the GGUF header, key-value pairs and tensor infos straight from the file's bytes.
+
+    Strings become ``str``, arrays of strings lists of ``str``, other arrays lists of numbers
+    (what ``ReaderField.contents()`` gives). We parse ourselves because ``gguf.GGUFReader``
+    builds several numpy objects for every vocabulary token and merge, ~0.5 GB for a 150k
+    vocabulary.
+    """
+
+    def __init__(self, buf):
+        import gguf
+
+        self.buf, self.pos, self.gguf = buf, 0, gguf
+        v = gguf.GGUFValueType
+        # value type -> (numpy dtype, struct format), both little-endian
+        self.scalars = {
+            v.UINT8: ("<u1", "<B"), v.INT8: ("<i1", "<b"), v.UINT16: ("<u2", "<H"),
+            v.INT16: ("<i2", "<h"), v.UINT32: ("<u4", "<I"), v.INT32: ("<i4", "<i"),
+            v.FLOAT32: ("<f4", "<f"), v.BOOL: ("?", "<?"), v.UINT64: ("<u8", "<Q"),
+            v.INT64: ("<i8", "<q"), v.FLOAT64: ("<f8", "<d"),
+        }
+        self.structs = {t: struct.Struct(fmt) for t, (_, fmt) in self.scalars.items()}
+
+    def unpack(self, fmt: struct.Struct):
+        if self.pos + fmt.size > len(self.buf):
+            raise _Corrupt(f"the header ends early (at byte {self.pos} of {len(self.buf)})")
+        out = fmt.unpack_from(self.buf, self.pos)
+        self.pos += fmt.size
+        return out[0]
+
+    def u32(self) -> int:
+        return self.unpack(_U32)
+
+    def u64(self) -> int:
+        return self.unpack(_U64)
+
+    def string(self) -> str:
+        n = self.u64()
+        end = self.pos + n
+        if end > len(self.buf):
+            raise _Corrupt(f"a string of {n} bytes at byte {self.pos} runs past the end of the file")
+        try:
+            s = str(self.buf[self.pos:end], "utf-8")
+        except UnicodeDecodeError:
+            raise _Corrupt(f"the string at byte {self.pos} is not UTF-8") from None
+        self.pos = end
+        return s
+
+    def value(self, vtype: int):
+        v = self.gguf.GGUFValueType
+        if vtype == v.STRING:
+            return self.string()
+        if vtype == v.ARRAY:
+            etype, count = self.u32(), self.u64()
+            if etype == v.STRING or etype == v.ARRAY:
+                return [self.value(etype) for _ in range(count)]
+            dtype = self._dtype(etype)
+            n = count * dtype.itemsize
+            if self.pos + n > len(self.buf):
+                raise _Corrupt(f"an array of {count} values at byte {self.pos} runs past the end")
+            arr = np.frombuffer(self.buf, dtype, count, self.pos)
+            self.pos += n
+            return arr.tolist()  # plain numbers, not views that would pin the map
+        self._dtype(vtype)
+        return self.unpack(self.structs[vtype])
+
+    def _dtype(self, vtype: int) -> np.dtype:
+        if vtype not in self.scalars:
+            raise FormatError(f"unknown GGUF value type {vtype} at byte {self.pos}")
+        return np.dtype(self.scalars[vtype][0])
+
+
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+
+
+def _parse(path: Path, mm: np.memmap) -> tuple[dict, dict]:
+    """(metadata, tensors by name) of the GGUF file mapped at ``mm``."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    p = _Parser(memoryview(mm))
+    if len(mm) < 24 or p.u32() != gguf.GGUF_MAGIC:
+        raise FormatError(f"{path} is not a GGUF file (it does not start with 'GGUF')")
+    version = p.u32()
+    if version not in (2, 3):
+        hint = " (a big-endian file? only little-endian is read)" if version & 0xFFFF == 0 else ""
+        raise FormatError(f"{path}: GGUF version {version} is not supported (2 or 3){hint}")
+    n_tensors, n_kv = p.u64(), p.u64()
+    # the header's counts too, under the names gguf.GGUFReader gives them
+    metadata = {"GGUF.version": version, "GGUF.tensor_count": n_tensors, "GGUF.kv_count": n_kv}
+    for _ in range(n_kv):
+        key = p.string()
+        metadata[key] = p.value(p.u32())
+    infos = []
+    for _ in range(n_tensors):
+        name = p.string()
+        n_dims = p.u32()
+        if n_dims > 8:
+            raise FormatError(f"{path}: tensor {name!r} claims {n_dims} dimensions; the file is corrupt")
+        dims = [p.u64() for _ in range(n_dims)]
+        raw_type, offset = p.u32(), p.u64()
+        try:
+            qtype = Q(raw_type)
+        except ValueError:
+            raise FormatError(f"{path}: tensor {name!r} has unknown tensor type {raw_type}") from None
+        infos.append((name, dims, qtype, offset))
+    align = int(metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+    if align <= 0 or align & (align - 1):
+        raise FormatError(f"{path}: general.alignment {align} is not a power of two")
+    start = -(-p.pos // align) * align
+    typed = {Q.F16: np.float16, Q.F32: np.float32, Q.F64: np.float64, Q.I8: np.int8,
+             Q.I16: np.int16, Q.I32: np.int32, Q.I64: np.int64}  # the rest: bytes, as the reader
+    tensors = {}
+    for name, dims, qtype, offset in infos:
+        if name in tensors:
+            raise FormatError(f"{path}: tensor {name!r} appears twice; the file is corrupt")
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        n_elems = int(np.prod(dims, dtype=np.int64)) if dims else 1
+        if dims and dims[0] % block:
+            raise FormatError(f"{path}: tensor {name!r} has {dims[0]} columns, not whole {qtype.name} blocks")
+        n_bytes = n_elems * type_size // block
+        begin = start + offset
+        if begin + n_bytes > len(mm):
+            raise FormatError(
+                f"{path}: tensor {name!r} needs bytes {begin}..{begin + n_bytes} but the file has "
+                f"{len(mm)}; it is truncated: download it again and check its sha256"
+            )
+        np_dims = tuple(reversed(dims))
+        if qtype in typed:
+            data = mm[begin:begin + n_bytes].view(typed[qtype]).reshape(np_dims)
+        else:
+            data = mm[begin:begin + n_bytes].reshape(gguf.quants.quant_shape_to_byte_shape(np_dims, qtype))
+        tensors[name] = GGUFTensor(name, qtype, np.array(dims, dtype=np.uint64), n_elems, n_bytes, begin, data)
+    return metadata, tensors
 
 
 def read_config(f: GGUFFile) -> ModelConfig:
