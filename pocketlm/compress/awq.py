@@ -76,7 +76,8 @@ def awq_network(network, batch: torch.Tensor, grid: Grid, checkpoint_dir=None,
                 mlp.up_proj.weight.div_(s[:, None])  # up's output rows feed down's input
                 mlp.down_proj.weight.mul_(s[None, :])
             for name in LINEARS:
-                _set(block, name, to_module(rtn(block.get_submodule(name).weight.data, grid)))
+                lin = block.get_submodule(name)
+                _set(block, name, to_module(rtn(lin.weight.data, grid), bias=lin.bias))
             walk.run(block)
             walk.save(i, block)
             bar.update(1)

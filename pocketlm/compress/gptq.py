@@ -178,7 +178,8 @@ def grid_of(grid: Grid | dict[str, Grid], name: str) -> Grid:
 def _empty_qlinear(lin: nn.Linear, grid: Grid) -> nn.Module:
     from pocketlm.compress.qlinear import QLinear
 
-    return QLinear(lin.in_features, lin.out_features, grid.bits, grid.group_size, grid.sym)
+    return QLinear(lin.in_features, lin.out_features, grid.bits, grid.group_size, grid.sym,
+                   lin.bias)
 
 
 def _set(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -236,7 +237,7 @@ def gptq_network(network, batch: torch.Tensor, grid: Grid | dict[str, Grid],
                     lin = block.get_submodule(name)
                     g = grid_of(grid, f"layers.{i}.{name}")
                     q = gptq_quantize(lin.weight.data, hessians[name], g, act_order, damp)
-                    _set(block, name, to_module(q))
+                    _set(block, name, to_module(q, bias=lin.bias))
             walk.run(block)
             walk.save(i, block)
             bar.update(1)

@@ -237,14 +237,17 @@ class QuantizedTensor(nn.Module):
 
 
 class QLinear(QuantizedTensor):
-    """A bias-free Linear computing from its packed weight (buffers qweight, scales, zeros)."""
+    """A Linear computing from its packed weight (buffers qweight, scales, zeros); its bias,
+    where the float layer had one (Qwen2's q/k/v), stays a float parameter beside them."""
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int,
-                 sym: bool):
+                 sym: bool, bias: torch.Tensor | None = None):
         super().__init__(out_features, in_features, bits, group_size, sym)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return qmatmul(x, self)
+        y = qmatmul(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
 class QEmbedding(QuantizedTensor):
@@ -318,7 +321,10 @@ def swap_in(network: nn.Module, state: dict, qconfig: dict) -> nn.Module:
             shape = (old.num_embeddings, old.embedding_dim)
         else:
             shape = (old.out_features, old.in_features)
-        _set_module(network, name, make_module(name, shape, modules[name], network))
+        new = make_module(name, shape, modules[name], network)
+        if isinstance(new, QLinear) and getattr(old, "bias", None) is not None:
+            new.bias = nn.Parameter(torch.empty_like(old.bias), requires_grad=False)  # loaded below
+        _set_module(network, name, new)
     state = {k: v for k, v in state.items() if v is not None}
     result = network.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:

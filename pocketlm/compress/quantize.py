@@ -163,13 +163,14 @@ def rtn(w: torch.Tensor, grid: Grid) -> Quantized:
     return finish_padding(out)
 
 
-def to_module(q: Quantized, kind: str = "linear") -> nn.Module:
+def to_module(q: Quantized, kind: str = "linear", bias: torch.Tensor | None = None) -> nn.Module:
+    """The packed module of ``q``; ``bias`` (a Linear's, e.g. Qwen2's q/k/v) is kept in float."""
     n = q.codes.shape[0]
     g = q.grid
     if kind == "embedding":
         m = QEmbedding(n, q.in_features, g.bits, g.group_size, g.sym)
     else:
-        m = QLinear(q.in_features, n, g.bits, g.group_size, g.sym)
+        m = QLinear(q.in_features, n, g.bits, g.group_size, g.sym, bias)
     m.set(q.codes, q.scales, q.zeros)
     return m
 
@@ -274,7 +275,7 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     if method == "rtn":
         for name in linear_names(network):
             lin = network.get_submodule(name)
-            _replace(network, name, to_module(rtn(lin.weight.data, grids[name])))
+            _replace(network, name, to_module(rtn(lin.weight.data, grids[name]), bias=lin.bias))
         stats = {}
     else:
         if method == "gptq":

@@ -88,7 +88,7 @@ class TunableLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = (self.qz * self.scales()[:, :, None]).flatten(1)[:, : self.k]  # (N, K)
-        return F.linear(x, w)
+        return F.linear(x, w, self.source.bias)
 
     def write_back(self) -> QLinear:
         """The source QLinear with the tuned scales rounded to fp16 (codes and zeros as were)."""
