@@ -177,7 +177,9 @@ def test_llama_cpp_loads_the_exports(model, calib, tmp_path):
                            text=True,
                            timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        line = next(s for s in (r.stdout + r.stderr).splitlines() if "Final estimate" in s)
+        out = r.stdout + r.stderr
+        line = next((s for s in out.splitlines() if "Final estimate" in s), None)
+        assert line, f"llama-perplexity printed no estimate for {name}:\n{out[-1500:]}"
         ppl = float(line.split("=")[1].split()[0])
         assert math.isfinite(ppl) and 1 < ppl < 1000
 

@@ -209,6 +209,9 @@ def _parse(path: Path, mm: np.memmap) -> tuple[dict, dict]:
     version = p.u32()
     if version not in (2, 3):
         hint = " (a big-endian file? only little-endian is read)" if version & 0xFFFF == 0 else ""
+        if version > 255 and not hint:  # no GGUF version ever looked like this: a damaged header
+            raise FormatError(f"{path}: the file is truncated or corrupted (its header's version "
+                              f"field reads {version}); download it again")
         raise FormatError(f"{path}: GGUF version {version} is not supported (2 or 3){hint}")
     n_tensors, n_kv = p.u64(), p.u64()
     # the header's counts too, under the names gguf.GGUFReader gives them
