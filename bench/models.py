@@ -92,7 +92,7 @@ def child_speed(name: str, threads: int, decode_tokens: int, prefill_tokens: int
     step = time_decode(net, new_tokens=decode_tokens)
     prefill_s = time_prefill(net, prefill_tokens, repeats=1)
     cache = KVCache.allocate(net.config, 1, prefill_tokens + 1, net.lm_head.weight.dtype)
-    cache_bytes = cache.nbytes()
+    cache_bytes = cache.nbytes
     return {"load_s": load_s, "decode_tokens_per_s": 1 / step,
             "prefill_tokens_per_s": prefill_tokens / prefill_s,
             "peak_rss_bytes": own_peak_rss_bytes(), "peak_rss_after_load_bytes": rss_after_load,
