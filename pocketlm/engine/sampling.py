@@ -82,6 +82,13 @@ def sample(
     """One token id from logits (V,) after temperature, top-k, top-p and min-p."""
     if params.greedy:
         return int(logits.argmax())
+    return int(torch.multinomial(filtered_probs(logits, params), 1, generator=generator))
+
+
+def filtered_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The (V,) weights a non-greedy ``sample`` draws from: temperature, top-k, softmax, min-p,
+    then top-p. Not renormalised after the filters (multinomial does not need it); speculative
+    decoding's accept/reject rule divides by the sum."""
     logits = logits.float() / params.temperature
     if params.top_k:
         kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
@@ -89,8 +96,7 @@ def sample(
     probs = torch.softmax(logits, dim=-1)
     if params.min_p > 0:
         probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    probs = top_p_filter(probs, params.top_p)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return top_p_filter(probs, params.top_p)
 
 
 def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -36,7 +36,6 @@ generation), between 1 and ``K_MAX``.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from pocketlm.engine.generate import (
     forward_at,
     prefill,
 )
-from pocketlm.engine.sampling import SamplingParams, apply_repetition_penalty, top_p_filter
+from pocketlm.engine.sampling import SamplingParams, apply_repetition_penalty, filtered_probs
 from pocketlm.errors import InvalidArgument
 from pocketlm.model.transformer import KVCache, Transformer
 
@@ -70,14 +69,7 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         out = torch.zeros(logits.shape[-1])
         out[int(logits.argmax())] = 1.0
         return out
-    logits = logits.float() / params.temperature
-    if params.top_k:
-        kth = torch.topk(logits, min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    probs = torch.softmax(logits, dim=-1)
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    probs = top_p_filter(probs, params.top_p)
+    probs = filtered_probs(logits, params)  # the very weights sampling.sample draws from
     return probs / probs.sum()
 
 
