@@ -12,23 +12,25 @@ from pocketlm.serve.errors import finish_error
 from pocketlm.serve.generation import legacy_logprobs, lp_entry, record, usage_of
 
 
-async def chat_stream(state, gen, rid, name, want_lp, include_usage, n_prompt):
-    """Chat chunks: the role first, then each token's delta, each choice's finish reason, and
-    usage last when asked; ``state`` is app.state (timeout, metrics)."""
+def _chunker(rid: str, obj: str, name: str, include_usage: bool):
+    """A function making one stream chunk of ``choices`` (usage only where it was asked for);
+    every chunk of one stream shares its id and creation time, as OpenAI's do."""
     created_at = int(time.time())
 
     def chunk(choices, usage=None):
-        body = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created_at,
-            "model": name,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
+        body = {"id": rid, "object": obj, "created": created_at, "model": name,
+                "system_fingerprint": None, "choices": choices}
         if include_usage:
             body["usage"] = usage
         return body
+
+    return chunk
+
+
+async def chat_stream(state, gen, rid, name, want_lp, include_usage, n_prompt):
+    """Chat chunks: the role first, then each token's delta, each choice's finish reason, and
+    usage last when asked; ``state`` is app.state (timeout, metrics)."""
+    chunk = _chunker(rid, "chat.completion.chunk", name, include_usage)
 
     n_out = 0
     yield chunk(
@@ -79,20 +81,7 @@ async def chat_stream(state, gen, rid, name, want_lp, include_usage, n_prompt):
 
 async def completion_stream(state, gen, rid, name, want_lp, include_usage, n_prompt):
     """Completion chunks, one per token piece (with legacy logprobs when asked)."""
-    created_at = int(time.time())
-
-    def chunk(choices, usage=None):
-        body = {
-            "id": rid,
-            "object": "text_completion",
-            "created": created_at,
-            "model": name,
-            "system_fingerprint": None,
-            "choices": choices,
-        }
-        if include_usage:
-            body["usage"] = usage
-        return body
+    chunk = _chunker(rid, "text_completion", name, include_usage)
 
     n_out = 0
     async for t in gen.events():
