@@ -228,7 +228,8 @@ def cmd_bench(a):
     if a.json:
         print(json.dumps(r, indent=2))
         return
-    print(f"{m.card.name}  dtype={a.dtype}  threads={r['threads']}  weights={r['weight_bytes'] / 1e6:.0f} MB")
+    print(f"{m.card.name}  dtype={a.dtype}  threads={r['threads']}  weights={r['weight_bytes'] / 1e6:.0f} MB"
+          f"  peak RSS={r['peak_rss_bytes'] / 2**20:.0f} MiB (whole process)")
     for n in a.prompt_lengths:
         print(f"  prefill {n:5d} tokens : {r[f'prefill_{n}_tokens_per_s']:8.1f} tokens/s")
     print(f"  time to first token  : {r['time_to_first_token_s'] * 1000:8.1f} ms "

@@ -89,3 +89,13 @@ def test_bench_json_has_the_figures_scripts_read(tmp_path, tiny_model):
 def test_list_known_names():
     r = run_cli("list", "--known")
     assert r.returncode == 0 and "smollm2-135m-instruct" in r.stdout
+
+
+def test_bench_table_prints_the_peak_memory(tmp_path, tiny_model):
+    folder = tiny_model.save(tmp_path / "tiny")
+    r = run_cli("bench", str(folder), "--prompt-lengths", "16", "--new-tokens", "4",
+                "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    line = r.stdout.splitlines()[0]
+    mib = int(line.split("peak RSS=")[1].split()[0])
+    assert 50 < mib < 4096  # a whole Python + torch process holding a tiny model
