@@ -149,6 +149,15 @@ class Model:
         return self.network(t)[0]
 
     # -- saving -------------------------------------------------------------------------
+    def dense(self) -> Model:
+        """This model, or (when it holds packed GGUF blocks) a copy with fp32 weights in their
+        place: what the weight-rewriting steps (quantize, prune, finetune, distill) work on."""
+        from pocketlm.model.ggml import dense_copy, packed_modules
+
+        if not packed_modules(self.network):
+            return self
+        return Model(dense_copy(self.network), self.tokenizer, self.card)
+
     def save(self, folder: str | Path) -> Path:
         """Write a Hugging Face-compatible folder plus card.json; returns its path.
 

@@ -239,3 +239,22 @@ def test_real_gguf_packed_matches_its_fp32_dequantization():
             kls.append((d.exp() * (d - p)).sum(-1).mean().item())
             same += _greedy(packed, ids, 32) == _greedy(dense, ids, 32)
     assert max(kls) < 1e-3 and same >= 11, (kls, same)
+
+
+def test_weight_rewriting_steps_take_a_packed_model(quantized_gguf):
+    """quantize and prune work on a GGUF loaded packed (its blocks' fp32 values), and leave the
+    packed original as it was."""
+    from pocketlm.compress.prune import prune
+    from pocketlm.compress.quantize import quantize
+
+    path, qtype = quantized_gguf
+    packed = pocketlm.load(path)
+    dense = pocketlm.load(path, dtype=torch.float32)
+    ids = packed.encode("The quick brown fox jumps over the lazy dog.")
+    q = quantize(packed, "rtn", 8, group_size=0, progress=False)
+    q_ref = quantize(dense, "rtn", 8, group_size=0, progress=False)
+    assert torch.allclose(q.logits(ids), q_ref.logits(ids), atol=1e-4, rtol=1e-4)
+    p = prune(packed, "magnitude", 0.25, progress=False)
+    p_ref = prune(dense, "magnitude", 0.25, progress=False)
+    assert torch.allclose(p.logits(ids), p_ref.logits(ids), atol=1e-4, rtol=1e-4)
+    assert all(m.type_name == qtype for m in ggml.packed_modules(packed.network))

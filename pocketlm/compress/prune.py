@@ -282,7 +282,7 @@ def prune(model, method: str = "wanda", sparsity: float | None = None,
         raise InvalidArgument("give exactly one of sparsity (e.g. 0.5) and pattern (e.g. 2:4)")
     if sparsity is not None and not 0.0 <= sparsity < 1.0:
         raise InvalidArgument(f"sparsity is the fraction removed, in [0, 1); got {sparsity}")
-    out = model if inplace else _copy_model(model)
+    out = model if inplace else _copy_model(model.dense())  # packed GGUF blocks: fp32 first
     net = out.network
     settings: dict = {"method": method, "sparsity": sparsity,
                       "pattern": f"{nm[0]}:{nm[1]}" if nm else None}

@@ -262,6 +262,7 @@ def quantize(model, method: str = "rtn", bits: int = 8, group_size: int | None =
     if act_order is None:
         act_order = method == "gptq"
     grid = Grid(bits, group_size, sym, clip)
+    model = model.dense()  # a GGUF loaded packed: its blocks' fp32 values are what we quantize
     grids = module_grids(linear_names(model.network), grid, tuple(int8))
     if int8 and method == "awq":
         raise InvalidArgument("--int8 works with rtn and gptq; awq quantizes every Linear alike")

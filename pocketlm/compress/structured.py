@@ -184,7 +184,7 @@ def prune_structured(model, unit: str = "mlp", ratio: float = 0.25, whole_groups
     cfg = model.config
     p = plan(cfg, unit, ratio, whole_groups)
     calib = load_calibration(model.tokenizer, calibration, samples, seq_len, seed)
-    net = copy.deepcopy(model.network)
+    net = copy.deepcopy(model.dense().network)  # packed GGUF blocks: pruned as fp32
     x = net.embed(calib.tokens)  # (N, T, D)
     contexts = block_contexts(net, calib.tokens.shape[1])
     removed: list = []

@@ -246,3 +246,34 @@ def float_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
             state.pop(prefix + "blocks", None)
             state[prefix + "weight"] = module.dequantize()
     return state
+
+
+def dense_copy(network: nn.Module) -> nn.Module:
+    """A deep copy of ``network`` whose packed GGML modules are plain fp32 ``nn.Linear`` /
+    ``nn.Embedding`` (a tied head stays tied), for the steps that rewrite weights (quantize,
+    prune, finetune, distill). The original keeps its packed blocks; without packed modules this
+    is ``copy.deepcopy``."""
+    import copy
+
+    packed = packed_modules(network)
+    memo = {id(m.blocks): m.blocks for m in packed}  # the copy never duplicates the file's bytes
+    out = copy.deepcopy(network, memo)
+    tied = None
+    for name, m in list(out.named_modules()):
+        if isinstance(m, GGMLEmbedding):
+            new = nn.Embedding(m.n, m.k)
+            new.weight = nn.Parameter(m.dequantize())
+            tied = new if isinstance(getattr(out, "lm_head", None), TiedGGMLHead) else tied
+        elif isinstance(m, GGMLLinear):
+            new = nn.Linear(m.k, m.n, bias=m.bias is not None)
+            new.weight = nn.Parameter(m.dequantize())
+            if m.bias is not None:
+                new.bias = nn.Parameter(m.bias.detach().clone())
+        else:
+            continue
+        set_module(out, name, new)
+    if tied is not None:
+        head = nn.Linear(tied.embedding_dim, tied.num_embeddings, bias=False)
+        head.weight = tied.weight
+        out.lm_head = head
+    return out

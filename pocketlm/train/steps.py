@@ -60,7 +60,7 @@ def finetune(
     """
     s = settings or TrainSettings()
     out = Path(out)
-    network = model.network.float()
+    network = model.dense().network.float()  # packed GGUF blocks: trained as fp32 weights
     before = None
     if eval_before and data.held_out is not None and _rank() == 0:
         before = evaluate(network, data.held_out, s.batch_size, s.bf16, s.eval_rows)
