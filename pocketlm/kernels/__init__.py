@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [HERE / "qgemv.cpp", HERE / "decode.cpp", HERE / "attention.cpp",
            HERE / "elementwise.cpp", HERE / "ggml.cpp"]
-HEADERS = [HERE / "kernels.h"]
+HEADERS = [HERE / "kernels.h", HERE / "ggml.h"]
 
 
 BASE_FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]

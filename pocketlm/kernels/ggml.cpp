@@ -19,6 +19,10 @@
 #include <cstring>
 #include <vector>
 
+#include "ggml.h"
+
+extern "C" int pocketlm_ggml_block(int type, int64_t* qk, int64_t* bytes);
+
 namespace {
 
 enum Type : int {  // gguf.GGMLQuantizationType values
@@ -345,30 +349,42 @@ void gemv_rows(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, f
   }
 }
 
-template <int TYPE>
-void gemv(const float* x, int64_t T, int64_t K, const uint8_t* w, int64_t row_bytes,
-          int64_t N, float* y) {
-  std::vector<float> xs(T * (K / 32));  // sums of x per 32 columns
+// What a type's row kernel reads of x besides x itself: sums of x per 32 columns (T, K/32).
+int64_t act_floats(int64_t T, int64_t K) { return T * (K / 32); }
+
+void prepare_act(const float* x, int64_t T, int64_t K, float* act) {
   for (int64_t i = 0; i < T * (K / 32); ++i) {
     float s = 0.f;
     for (int j = 0; j < 32; ++j) s += x[i * 32 + j];
-    xs[i] = s;
+    act[i] = s;
   }
+}
+
+// y[t * ldy + n] for n in [n0, n1), T <= 8 rows of x.
+template <int TYPE>
+void rows_range(const float* act, const float* x, int64_t T, int64_t K, const uint8_t* w,
+                int64_t row_bytes, float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  switch (T) {
+    case 1: gemv_rows<TYPE, 1>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
+    case 2: gemv_rows<TYPE, 2>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
+    case 3: gemv_rows<TYPE, 3>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
+    case 4: gemv_rows<TYPE, 4>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
+    case 5: gemv_rows<TYPE, 5>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
+    case 6: gemv_rows<TYPE, 6>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
+    case 7: gemv_rows<TYPE, 7>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
+    default: gemv_rows<TYPE, 8>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
+  }
+}
+
+template <int TYPE>
+void gemv(const float* x, int64_t T, int64_t K, const uint8_t* w, int64_t row_bytes,
+          int64_t N, float* y) {
+  std::vector<float> act(act_floats(T, K));
+  prepare_act(x, T, K, act.data());
   share_rows(N, N * K * T, [&](int64_t n0, int64_t n1) {
-    for (int64_t t0 = 0; t0 < T; t0 += 8) {  // at most 8 rows of x per pass over W
-      const float* xt = x + t0 * K;
-      float* yt = y + t0 * N;
-      switch (std::min<int64_t>(8, T - t0)) {
-        case 1: gemv_rows<TYPE, 1>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
-        case 2: gemv_rows<TYPE, 2>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
-        case 3: gemv_rows<TYPE, 3>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
-        case 4: gemv_rows<TYPE, 4>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
-        case 5: gemv_rows<TYPE, 5>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
-        case 6: gemv_rows<TYPE, 6>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
-        case 7: gemv_rows<TYPE, 7>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
-        default: gemv_rows<TYPE, 8>(xt, K, w, row_bytes, yt, N, n0, n1, xs.data() + t0 * (K / 32)); break;
-      }
-    }
+    for (int64_t t0 = 0; t0 < T; t0 += 8)  // at most 8 rows of x per pass over W
+      rows_range<TYPE>(act.data() + t0 * (K / 32), x + t0 * K, std::min<int64_t>(8, T - t0), K,
+                       w, row_bytes, y + t0 * N, N, n0, n1);
   });
 }
 
@@ -389,6 +405,35 @@ void gemv(const float* x, int64_t T, int64_t K, const uint8_t* w, int64_t row_by
   }
 
 }  // namespace
+
+namespace pocketlm {
+
+int64_t ggml_act_floats(int type, int64_t T, int64_t K) {
+  int64_t qk, bytes;
+  if (pocketlm_ggml_block(type, &qk, &bytes) != 0) return -1;
+  return act_floats(T, K);
+}
+
+bool ggml_prepare(int type, const float* x, int64_t T, int64_t K, float* act) {
+  if (ggml_act_floats(type, T, K) < 0) return false;
+  prepare_act(x, T, K, act);
+  return true;
+}
+
+bool ggml_rows(int type, const float* act, const float* x, int64_t T, int64_t K,
+               const uint8_t* w, int64_t row_bytes, float* y, int64_t ldy, int64_t n0,
+               int64_t n1) {
+  if (T < 1 || T > 8) return false;
+#define POCKETLM_ROWS(T_) rows_range<T_>(act, x, T, K, w, row_bytes, y, ldy, n0, n1)
+  auto run = [&]() -> int {
+    POCKETLM_GGML_DISPATCH(type, POCKETLM_ROWS)
+    return 0;
+  };
+#undef POCKETLM_ROWS
+  return run() == 0;
+}
+
+}  // namespace pocketlm
 
 extern "C" {
 
