@@ -32,6 +32,20 @@ def llama_bin(name: str, batched: bool = False) -> Path | None:
     return None
 
 
+def read_bandwidth_gbps(mb: int = 512) -> float:
+    """This machine's read bandwidth now (GB/s): the best of 10 sums over a buffer far beyond
+    cache, on torch's threads."""
+    import torch
+
+    a = torch.ones(mb * 1024 * 1024 // 4)
+    best = 0.0
+    for _ in range(10):
+        t0 = time.perf_counter()
+        a.sum()
+        best = max(best, a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
 def llama_build_label(path: Path) -> str:
     """Which build a llama.cpp binary came from, for the tables."""
     return {"build": "native (GGML_NATIVE=ON)",

@@ -29,7 +29,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, SHARED, append_section, markdown_table, write_results
+from _common import (
+    REPO,
+    SHARED,
+    append_section,
+    llama_bin,
+    markdown_table,
+    read_bandwidth_gbps,
+    write_results,
+)
 
 import pocketlm
 from pocketlm import kernels
@@ -37,29 +45,6 @@ from pocketlm.api import resolve
 from pocketlm.engine.bench import weight_bytes
 from pocketlm.engine.generate import prefill
 from pocketlm.model.transformer import KVCache
-
-
-def peer_bin(name: str, batched: bool = False) -> Path | None:
-    """A llama.cpp binary: bench/_common.py's finder where it has one, else .peer/build/bin."""
-    try:
-        from _common import llama_bin
-
-        p = llama_bin(name, batched=batched)
-        return Path(p) if p else None
-    except ImportError:
-        p = REPO / ".peer" / "build" / "bin" / name
-        return p if p.exists() else None
-
-
-def read_bandwidth_gbps(mb: int = 512) -> float:
-    """This machine's read bandwidth now: the best of 10 sums over a buffer far beyond cache."""
-    a = torch.ones(mb * 1024 * 1024 // 4)
-    best = 0.0
-    for _ in range(10):
-        t0 = time.perf_counter()
-        a.sum()
-        best = max(best, a.numel() * 4 / (time.perf_counter() - t0) / 1e9)
-    return best
 
 
 def prompt_ids(model, n: int) -> list[int]:
@@ -135,8 +120,8 @@ def hf_prefill(hf, ids: list[int]) -> float:
 def llama_cpp(threads: int, new: int) -> dict:
     """llama-bench per type: decode from the fastest build, prefill from one whose batched
     passes work (bench/_common.py's finder; the same binary where there is one build)."""
-    bench, quant = peer_bin("llama-bench"), peer_bin("llama-quantize")
-    batched = peer_bin("llama-bench", batched=True) or bench
+    bench, quant = llama_bin("llama-bench"), llama_bin("llama-quantize")
+    batched = llama_bin("llama-bench", batched=True) or bench
     if bench is None or quant is None:
         print("llama.cpp not built (bash bench/build_llama_cpp.sh); skipping the peer", file=sys.stderr)
         return {}

@@ -129,7 +129,7 @@ def child_perplexity(name: str, threads: int, text_file: str, n_ctx: int, chunks
 
 
 def child_bandwidth() -> dict:
-    from engine import read_bandwidth_gbps
+    from _common import read_bandwidth_gbps
 
     return {"read_bandwidth_gb_per_s": read_bandwidth_gbps()}
 

@@ -31,8 +31,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO, append_section, machine, markdown_table, merge_results
-from engine import read_bandwidth_gbps
+from _common import (
+    REPO,
+    append_section,
+    llama_bin,
+    machine,
+    markdown_table,
+    merge_results,
+    read_bandwidth_gbps,
+)
 
 import pocketlm
 from pocketlm import kernels
@@ -47,23 +54,11 @@ RACE = [("fp32", {}, "F32"), ("int8", {}, "Q8_0"), ("int8 q8act", {"POCKETLM_INT
 PREFILL = [("fp32", "F32"), ("int8", "Q8_0"), ("int4", "Q4_0")]
 
 
-def peer_bin(name: str, batched: bool = False) -> Path | None:
-    """A llama.cpp binary: bench/_common.py's finder where it has one, else .peer/build/bin."""
-    try:
-        from _common import llama_bin
-
-        p = llama_bin(name, batched=batched)
-        return Path(p) if p else None
-    except ImportError:
-        p = REPO / ".peer" / "build" / "bin" / name
-        return p if p.exists() else None
-
-
 def llama_files(model: str) -> dict[str, Path]:
     from pocketlm.api import resolve
 
-    quant = peer_bin("llama-quantize")
-    if quant is None or peer_bin("llama-bench") is None:
+    quant = llama_bin("llama-quantize")
+    if quant is None or llama_bin("llama-bench") is None:
         return {}
     src = resolve(model)
     out = {}
@@ -78,7 +73,7 @@ def llama_files(model: str) -> dict[str, Path]:
 
 def llama_bench(f: Path, threads: int, prompt: int, tokens: int) -> dict | None:
     """One llama-bench row (-p PROMPT -n TOKENS, one of them 0): tokens/s and its build."""
-    binary = peer_bin("llama-bench", batched=prompt > 0)
+    binary = llama_bin("llama-bench", batched=prompt > 0)
     r = subprocess.run([str(binary), "-m", str(f), "-t", str(threads), "-p", str(prompt),
                         "-n", str(tokens), "-r", "1", "-o", "json"],
                        capture_output=True, text=True, check=False)
