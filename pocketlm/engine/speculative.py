@@ -37,7 +37,7 @@ generation), between 1 and ``K_MAX``.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -335,53 +335,78 @@ def generate(
     yield [seq.accept(prefill(target, cache, 0, prompt))]
     ctx = list(prompt) + seq.out
     while not seq.done:
-        # verification writes positions pos..pos+k; more than the tokens left is waste
-        k = min(ctl.k, seq.limit - len(seq.out) - 1, need - 1 - seq.pos)
-        t0 = time.perf_counter()
-        drafts, dists = draft.propose(ctx, k, params, seq.generator) if k > 0 else ([], [])
-        drafts, dists = drafts[:k], dists[:k]
-        t1 = time.perf_counter()
-        stats.draft_s += t1 - t0
-        stats.passes += 1
-        if not drafts:  # nothing to check: the plain one-token step
+        yield speculate_round(target, cache, 0, seq, ctx, draft, ctl, stats)
+
+
+def speculate_round(
+    target: Transformer,
+    cache: KVCache,
+    row: int,
+    seq: SequenceState,
+    ctx: list[int],
+    draft: Draft,
+    ctl: KControl,
+    stats: SpecStats,
+    plain: Callable[[int, int], torch.Tensor] | None = None,
+) -> list[Token]:
+    """One draft-and-verify round for ``seq`` in cache row ``row`` (its last token, ``ctx[-1]``,
+    not yet in the cache, at ``seq.pos``); returns the Tokens it emits (1..k+1) and appends
+    their ids to ``ctx`` (the prompt and every output so far). When the draft proposes
+    nothing, ``plain(token, pos)`` gives the logits (V,) of the one-token step (default: the
+    fused ``decode_step`` on row 0). The batching scheduler calls this for a lone sequence in
+    its shared cache; ``generate`` for its own."""
+    params, prompt = seq.params, seq.prompt
+    # verification writes positions pos..pos+k; more than the tokens left is waste
+    k = min(ctl.k, seq.limit - len(seq.out) - 1, cache.max_seq_len - 1 - seq.pos)
+    t0 = time.perf_counter()
+    drafts, dists = draft.propose(ctx, k, params, seq.generator) if k > 0 else ([], [])
+    drafts, dists = drafts[:k], dists[:k]
+    t1 = time.perf_counter()
+    stats.draft_s += t1 - t0
+    stats.passes += 1
+    if not drafts:  # nothing to check: the plain one-token step
+        if plain is None:
             logits = decode_step(target, cache, torch.tensor([ctx[-1]]), torch.tensor([seq.pos]))[0]
-            stats.verify_s += time.perf_counter() - t1
-            seq.pos += 1
-            tok = seq.accept(logits)
-            ctx.append(tok.id)
-            stats.emitted += 1
-            yield [tok]
-            continue
-        logits = forward_at(target, cache, 0, [ctx[-1]] + drafts, seq.pos)  # (k+1, V)
+        else:
+            logits = plain(ctx[-1], seq.pos)
         stats.verify_s += time.perf_counter() - t1
-        start = len(ctx)
-        round_tokens, kept = [], 0
-        for i, d in enumerate(drafts):
-            row = logits[i].float()
-            lp = torch.log_softmax(row, dim=-1)
-            if params.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(prompt) | set(seq.out)), dtype=torch.long)
-                row = apply_repetition_penalty(row, seen, params.repetition_penalty)
-            if params.greedy:
-                tok_id, ok = int(row.argmax()), int(row.argmax()) == d
-            else:
-                tok_id, ok = accept_or_resample(processed_probs(row, params), dists[i], d, seq.generator)
-            seq.pos += 1
-            round_tokens.append(seq.push(tok_id, lp))
-            ctx.append(tok_id)
-            if not ok or seq.done:
-                break
-            kept += 1
-        else:  # every draft kept: the target's distribution after the last one gives a bonus
-            seq.pos += 1
-            round_tokens.append(seq.accept(logits[len(drafts)]))
-            ctx.append(round_tokens[-1].id)
-        draft.keep(start + kept)
-        stats.drafted += len(drafts)
-        stats.accepted += kept
-        stats.emitted += len(round_tokens)
-        ctl.update(len(drafts), kept)
-        yield round_tokens
+        seq.pos += 1
+        tok = seq.accept(logits)
+        ctx.append(tok.id)
+        stats.emitted += 1
+        return [tok]
+    logits = forward_at(target, cache, row, [ctx[-1]] + drafts, seq.pos)  # (k+1, V)
+    stats.verify_s += time.perf_counter() - t1
+    start = len(ctx)
+    round_tokens, kept = [], 0
+    for i, d in enumerate(drafts):
+        row_logits = logits[i].float()
+        lp = torch.log_softmax(row_logits, dim=-1)
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(prompt) | set(seq.out)), dtype=torch.long)
+            row_logits = apply_repetition_penalty(row_logits, seen, params.repetition_penalty)
+        if params.greedy:
+            tok_id = int(row_logits.argmax())
+            ok = tok_id == d
+        else:
+            tok_id, ok = accept_or_resample(processed_probs(row_logits, params), dists[i], d,
+                                            seq.generator)
+        seq.pos += 1
+        round_tokens.append(seq.push(tok_id, lp))
+        ctx.append(tok_id)
+        if not ok or seq.done:
+            break
+        kept += 1
+    else:  # every draft kept: the target's distribution after the last one gives a bonus
+        seq.pos += 1
+        round_tokens.append(seq.accept(logits[len(drafts)]))
+        ctx.append(round_tokens[-1].id)
+    draft.keep(start + kept)
+    stats.drafted += len(drafts)
+    stats.accepted += kept
+    stats.emitted += len(round_tokens)
+    ctl.update(len(drafts), kept)
+    return round_tokens
 
 
 # -- the Python API ----------------------------------------------------------------------------------
