@@ -9,6 +9,16 @@ as in ``generate``, so the server and ``Model.generate`` share one code path. A 
 finishes, times out or is cancelled (client gone) leaves its row at once, and the next
 waiting request takes it before the following step.
 
+Speculative decoding (``draft=``, any kind ``engine/speculative.py`` makes): when exactly one
+sequence is active -- batch 1, where a CPU has compute to spare for checking drafts -- each
+step is one ``speculate_round`` for it in its own cache row (draft, verify, accept/reject,
+the same code as ``pocketlm run --draft``), so greedy output stays the target's token for
+token and sampled output keeps the target's distribution. With two or more active, they
+decode batched as without a draft (batching already fills the cores; verifying K tokens per
+row would multiply the work). A request may opt out (``Request.speculative``) or set its
+own K; a JSON-constrained request never speculates. The draft's cache follows one sequence:
+it is reset when another sequence becomes the lone one.
+
 Results go to each request through ``Request.sink``, called on the scheduler thread with
 each ``Token``; the server's sink hands them to the event loop thread-safely. The last Token
 of a request has a ``finish_reason``: "stop", "length", or "timeout"/"cancelled"/"error".
@@ -28,6 +38,7 @@ import torch
 
 from pocketlm.engine.generate import SequenceState, Token, check_prompt, decode_step, prefill
 from pocketlm.engine.sampling import SamplingParams
+from pocketlm.engine.speculative import KControl, SpecStats, make_draft, speculate_round
 from pocketlm.errors import PocketError
 from pocketlm.model.transformer import KVCache
 
@@ -62,6 +73,9 @@ class Request:
     constraint: Constraint | None = None
     submitted: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    speculative: bool = True  # speculate when alone, if the scheduler has a draft
+    draft_tokens: int | str | None = None  # K for this request (None: the scheduler's)
+    stats: SpecStats | None = None  # what speculation did for it (set when it may speculate)
 
     def cancel(self) -> None:
         """Stop generating (e.g. the client disconnected); the row is freed at the next step."""
@@ -77,6 +91,7 @@ class _Slot:
     request: Request
     seq: SequenceState
     filled: int = 0  # prompt tokens already in the cache; decoding starts when all are
+    ctl: KControl | None = None  # K for speculative rounds; None: this one never speculates
 
 
 PREFILL_CHUNK = 256  # prompt tokens prefilled between two decode steps (bounds others' stall)
@@ -87,10 +102,14 @@ class Scheduler:
 
     ``max_batch`` sequences decode together; up to ``max_queue`` more wait for a row, and
     ``submit`` raises QueueFull beyond that. ``max_len`` is the context each row holds
-    (default: the model's, capped at 4096 to bound the cache's memory).
+    (default: the model's, capped at 4096 to bound the cache's memory). ``draft`` (a model
+    with the same tokenizer, a name/path, ``"self[:L]"``, ``"lookup[:N]"``) turns on
+    speculative decoding for lone sequences with ``draft_tokens`` (K or ``"auto"``); raises
+    InvalidArgument for a draft with another tokenizer or a bad K, before anything runs.
     """
 
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, max_len: int | None = None,
+                 draft=None, draft_tokens: int | str = "auto"):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model = model
@@ -104,6 +123,11 @@ class Scheduler:
         self.rows: list[_Slot | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self.steps = 0  # decode steps run (for tests and metrics)
+        KControl(draft_tokens)  # refuse a bad K now, not at the first request
+        self.draft = None if draft is None else make_draft(model, draft, max_len=self.max_len)
+        self.draft_tokens = draft_tokens
+        self.spec = SpecStats(kind=self.draft.kind if self.draft else "")  # all requests'
+        self._draft_owner: Request | None = None  # whose context the draft's cache holds
         self.on_step: Callable[[int, int], None] | None = None  # (batch rows, active) hook
         self._cond = threading.Condition()
         self._stopping = False
@@ -120,6 +144,8 @@ class Scheduler:
         would exceed ``max_queue``, and ContextOverflow/InvalidArgument for a bad prompt."""
         for r in requests:
             self.check(r.prompt)
+            if r.draft_tokens is not None:
+                KControl(r.draft_tokens)
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
@@ -190,7 +216,11 @@ class Scheduler:
             if seq.limit <= 0:
                 self._send(r, Token(r.index, -1, 0.0, "", "length"))
                 continue
-            self.rows[self.rows.index(None)] = _Slot(r, seq)
+            slot = _Slot(r, seq)
+            if self.draft is not None and r.speculative and r.constraint is None:
+                slot.ctl = KControl(r.draft_tokens or self.draft_tokens)
+                r.stats = SpecStats(kind=self.draft.kind)
+            self.rows[self.rows.index(None)] = slot
 
     def _prefill(self) -> None:
         """Prefill up to PREFILL_CHUNK prompt tokens of the rows still reading their prompt.
@@ -225,6 +255,8 @@ class Scheduler:
         live = [i for i, s in enumerate(self.rows) if s is not None and s.seq.out]
         if not live:
             return
+        if len(live) == 1 and self.active == 1 and self.rows[live[0]].ctl is not None:
+            return self._speculate(live[0], self.rows[live[0]])
         n = live[-1] + 1
         # Rows in 0..n-1 that are not decoding get a dummy token: a free row at position 0 (the
         # next prefill rewrites it), a row still reading its prompt at its next prompt position
@@ -242,6 +274,35 @@ class Scheduler:
             slot = self.rows[i]
             slot.seq.pos += 1
             self._accept(i, slot, logits[i])
+
+    def _speculate(self, row: int, slot: _Slot) -> None:
+        """One speculative round for the lone active sequence; its Tokens go out one by one."""
+        r, seq = slot.request, slot.seq
+        if self._draft_owner is not r:  # the draft's cache holds another sequence's context
+            self.draft.reset(self.max_len)
+            self._draft_owner = r
+        before = (r.stats.passes, r.stats.drafted, r.stats.accepted, r.stats.emitted)
+        tokens = speculate_round(self.network, self.cache, row, seq, seq.prompt + seq.out,
+                                 self.draft, slot.ctl, r.stats,
+                                 plain=lambda t, pos: self._lone_step(row, t, pos))
+        after = (r.stats.passes, r.stats.drafted, r.stats.accepted, r.stats.emitted)
+        for f, b, a in zip(("passes", "drafted", "accepted", "emitted"), before, after):
+            setattr(self.spec, f, getattr(self.spec, f) + a - b)
+        self.steps += 1
+        if self.on_step:
+            self.on_step(row + 1, 1)
+        for tok in tokens:
+            self._send(r, tok)
+        if seq.done:
+            self.rows[row] = None
+
+    def _lone_step(self, row: int, token: int, pos: int) -> torch.Tensor:
+        """The fused one-token step for the only active row (rows below it are free: their
+        dummy token at position 0 is rewritten by the next prefill); logits (V,)."""
+        tokens = torch.zeros(row + 1, dtype=torch.long)
+        positions = torch.zeros(row + 1, dtype=torch.long)
+        tokens[row], positions[row] = token, pos
+        return decode_step(self.network, self.cache, tokens, positions)[row]
 
     def _accept(self, row: int, slot: _Slot, logits: torch.Tensor) -> None:
         seq, c = slot.seq, slot.request.constraint

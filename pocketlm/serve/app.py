@@ -14,6 +14,14 @@ with ``logprobs`` the prompt tokens' log-probs from one forward pass (``serve/ec
 ``{"error": {"message", "type", "param", "code"}}``, with 400 for bad input, 401 for a
 missing/wrong key, 404 for an unknown model or route, 429 (+ ``Retry-After``) when the queue
 is full, 408 when a request runs past ``timeout``.
+
+Speculative decoding (``drafts``, ``pocketlm serve MODEL --draft DRAFT``): while a model has
+exactly one request generating, its scheduler drafts and verifies (``engine/scheduler.py``);
+with several, they decode batched as without a draft. Greedy output is the same token for
+token, sampled output keeps the target's distribution. A request may send ``"speculative":
+false`` (decode plainly) or ``"draft_tokens": K`` (1..64 or "auto"); its ``usage`` says what
+speculation did, ``"speculative": {"draft", "drafted", "accepted", "acceptance_rate",
+"passes"}``, and ``/metrics`` counts drafted and accepted tokens per model.
 """
 
 from __future__ import annotations
@@ -43,6 +51,8 @@ def create_app(
     max_len: int | None = None,
     router=None,
     route_models: dict[str, str] | None = None,
+    drafts: dict | None = None,
+    draft_tokens: int | str = "auto",
 ) -> FastAPI:
     """The FastAPI app serving ``models`` ({id: Model}); see the module docstring.
 
@@ -51,8 +61,11 @@ def create_app(
     of each batch row (default min(model context, 4096)). With ``router`` (a
     ``hybrid.router.Router``) and ``route_models`` ({route name: served model id}), a chat
     request for model ``"auto"`` goes to the route the router picks for its last user message;
-    the reply says which in a ``route`` field and an ``X-Pocketlm-Route`` header. Raises
-    ValueError for no models, or for a route naming a model that is not served.
+    the reply says which in a ``route`` field and an ``X-Pocketlm-Route`` header. ``drafts``
+    ({served model id: draft}, each what ``speculative.make_draft`` takes: a loaded Model,
+    a name/path, "self[:L]", "lookup[:N]") speculates for those models with ``draft_tokens``
+    (K or "auto"). Raises ValueError for no models, or for a route or draft naming a model
+    that is not served, and InvalidArgument for a draft with another tokenizer.
     """
     route_models = route_models or {}
     missing = {r: m for r, m in route_models.items() if m not in models}
@@ -60,7 +73,18 @@ def create_app(
         raise ValueError(f"routes {missing} name models that are not served ({sorted(models)})")
     if not models:
         raise ValueError("create_app needs at least one model")
-    schedulers = {name: Scheduler(m, max_batch, max_queue, max_len) for name, m in models.items()}
+    drafts = drafts or {}
+    if set(drafts) - set(models):
+        raise ValueError(f"drafts for {sorted(set(drafts) - set(models))}, which are not served")
+    schedulers = {}
+    try:
+        for name, m in models.items():
+            schedulers[name] = Scheduler(m, max_batch, max_queue, max_len,
+                                         draft=drafts.get(name), draft_tokens=draft_tokens)
+    except Exception:  # a refused draft: stop the schedulers already running
+        for s in schedulers.values():
+            s.stop()
+        raise
     metrics = Metrics()
     created = int(time.time())
 

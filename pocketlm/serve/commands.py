@@ -13,12 +13,19 @@ log = logging.getLogger("pocketlm.serve")
 EPILOG = """examples:
   pocketlm serve smollm2-135m-instruct                       http://127.0.0.1:8000 (chat page at /)
   pocketlm serve smollm2-135m-instruct ./my-model --api-key s3cret --max-batch 16
+  pocketlm serve qwen2.5-coder-1.5b-instruct --draft qwen2.5-coder-0.5b-instruct   speculative
+  pocketlm serve smollm2-135m-instruct --draft lookup --draft-tokens 8            prompt lookup
   curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}]}'
 
 Python: openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="s3cret"). The server
 binds 127.0.0.1 unless --host says otherwise, makes no outbound calls and logs no prompts
-unless --log-prompts."""
+unless --log-prompts.
+
+With --draft, a model's scheduler speculates while it has one request generating (batch 1)
+and decodes batched as usual with several; greedy output is the same token for token. A
+request turns it off with "speculative": false, or sets K with "draft_tokens": K; its usage
+reports {"speculative": {"drafted", "accepted", ...}}."""
 
 
 def model_id(name: str) -> str:
@@ -66,6 +73,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         if key in models:
             raise InvalidArgument(f"two models would be served as {key!r}; rename one folder")
         models[key] = load(name, dtype=dtype, threads=a.threads)
+    drafts = load_drafts(a, models, dtype)
     if a.router:
         router = Router(config)
     app = create_app(
@@ -78,6 +86,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
         max_len=a.context,
         router=router,
         route_models=route_models,
+        drafts=drafts,
+        draft_tokens=a.draft_tokens,
     )
     logging.getLogger("pocketlm").setLevel(logging.INFO)
     if a.host not in ("127.0.0.1", "localhost", "::1"):
@@ -101,6 +111,40 @@ def cmd_serve(a: argparse.Namespace) -> None:
     )
     _server_class()(config).run()
     print("server stopped", flush=True)
+
+
+def load_drafts(a: argparse.Namespace, models: dict, dtype) -> dict:
+    """{served id: draft} from --draft: given once, for every served model ({id: Model});
+    given once per model, in order ('none' for a model that should not speculate). A model
+    draft is loaded here with the same --dtype, and refused (InvalidArgument naming both)
+    unless it shares its target's tokenizer, before the server starts."""
+    from pocketlm.api import load
+    from pocketlm.cli import _int_or_fail
+    from pocketlm.engine.speculative import check_same_tokenizer
+
+    if a.draft_tokens != "auto":
+        a.draft_tokens = _int_or_fail(a.draft_tokens)
+    specs, served = a.draft or [], list(models)
+    if not specs:
+        return {}
+    if len(specs) == 1:
+        specs = specs * len(served)
+    if len(specs) != len(served):
+        raise InvalidArgument(f"--draft was given {len(specs)} times for {len(served)} served "
+                              f"models ({', '.join(served)}); give it once for all, or once per "
+                              "model in order ('none' for no draft)")
+    drafts, loaded = {}, {}
+    for name, spec in zip(served, specs):
+        if spec in ("none", "off"):
+            continue
+        if spec.partition(":")[0] in ("lookup", "prompt-lookup", "self"):
+            drafts[name] = spec
+            continue
+        if spec not in loaded:
+            loaded[spec] = load(spec, dtype=dtype, threads=a.threads)
+        check_same_tokenizer(models[name], loaded[spec], name, spec)
+        drafts[name] = loaded[spec]
+    return drafts
 
 
 def _server_class():
@@ -191,8 +235,25 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=["float32", "bfloat16"],
-        default="float32",
-        help="compute dtype for the weights (default float32)",
+        choices=["auto", "float32", "bfloat16"],
+        default="auto",
+        help="weights in memory: auto (default) keeps a GGUF file's quantized and 16-bit "
+        "tensors packed, as in the file; float32/bfloat16 dequantize every weight",
+    )
+    p.add_argument(
+        "--draft",
+        action="append",
+        default=None,
+        metavar="DRAFT",
+        help="speculative decoding while a model has one request generating: a model with the "
+        "same tokenizer, 'self[:L]' (its first L layers) or 'lookup[:N]' (prompt lookup); once "
+        "for every served model, or once per model in order ('none': no draft)",
+    )
+    p.add_argument(
+        "--draft-tokens",
+        default="auto",
+        metavar="K|auto",
+        help="tokens drafted per verification pass (auto: adapts to acceptance); a request "
+        "may send its own draft_tokens",
     )
     p.set_defaults(func=cmd_serve)

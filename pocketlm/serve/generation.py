@@ -1,5 +1,7 @@
 """One HTTP request's generation as events from the scheduler, and what the routes build on it:
-sampling parameters, prompts, JSON constraints, logprobs in both of OpenAI's shapes, usage.
+the shared preamble (``open_request``: body, model, refusals, speculation options; ``launch``:
+constraint, sequences, submission), sampling parameters, prompts, JSON constraints, logprobs in
+both of OpenAI's shapes, the reply's envelope and usage.
 
 The non-streaming reply is ``fold`` over the same events the streaming reply sends
 (``serve/streaming.py``), so both come from the scheduler's one decode loop.
@@ -10,15 +12,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import Request as HTTPRequest
 
 from pocketlm.engine.generate import Token
 from pocketlm.engine.sampling import SamplingParams
 from pocketlm.engine.scheduler import QueueFull, Request, Scheduler
+from pocketlm.engine.speculative import KControl
 from pocketlm.errors import ContextOverflow, PocketError
-from pocketlm.serve.errors import APIError, finish_error
+from pocketlm.serve.errors import APIError, finish_error, parse, refuse_unsupported
 from pocketlm.serve.schemas import ResponseFormat
 
 log = logging.getLogger("pocketlm.serve")
@@ -34,6 +38,8 @@ class Generation:
         params: list[SamplingParams],
         timeout: float | None,
         constraint_factory=None,
+        speculative: bool = True,
+        draft_tokens: int | str | None = None,
     ):
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Token] = asyncio.Queue()
@@ -47,11 +53,23 @@ class Generation:
                 index=i,
                 timeout=timeout,
                 constraint=constraint_factory() if constraint_factory else None,
+                speculative=speculative,
+                draft_tokens=draft_tokens,
             )
             for i, (p, sp) in enumerate(zip(prompts, params))
         ]
         self.started = time.monotonic()
         self.first_token_at: float | None = None
+
+    def speculation(self) -> dict | None:
+        """What speculative decoding did for this request's sequences (None: none could)."""
+        stats = [r.stats for r in self.requests if r.stats is not None]
+        if not stats:
+            return None
+        drafted, accepted = sum(s.drafted for s in stats), sum(s.accepted for s in stats)
+        return {"draft": stats[0].kind, "drafted": drafted, "accepted": accepted,
+                "acceptance_rate": accepted / drafted if drafted else 0.0,
+                "passes": sum(s.passes for s in stats)}
 
     def _sink(self, tok: Token) -> None:  # scheduler thread -> event loop
         self.loop.call_soon_threadsafe(self.queue.put_nowait, tok)
@@ -90,6 +108,65 @@ class Generation:
         finally:
             for r in self.requests:
                 r.cancel()  # a no-op for finished ones; frees the rows of abandoned ones
+
+
+# -- the preamble both generation routes share ------------------------------------------------
+async def open_request(http: HTTPRequest, schema, pick: Callable[..., Awaitable] | None = None):
+    """Parse the body as ``schema``, let ``pick(state, req)`` choose the model (the router;
+    it may rewrite ``req.model`` and returns what the reply reports, or None), look the model
+    up (404), and refuse options we do not implement or speculation this model cannot do.
+    Returns (app.state, req, served name, Scheduler, what ``pick`` returned)."""
+    state = http.app.state
+    req = await parse(http, schema)
+    picked = await pick(state, req) if pick is not None else None
+    name, sched = state.model_for(req.model)
+    refuse_unsupported(req)
+    check_speculation(req, name, sched)
+    return state, req, name, sched, picked
+
+
+def check_speculation(req, name: str, sched: Scheduler) -> None:
+    """``speculative: true`` or ``draft_tokens`` need a model served with --draft; K must be
+    a whole number 1..64 or "auto"."""
+    if sched.draft is None and (req.speculative or req.draft_tokens is not None):
+        field = "speculative" if req.speculative else "draft_tokens"
+        raise APIError(400, f"model {name!r} is served without a draft, so {field} cannot apply; "
+                       "start the server with --draft MODEL|self|lookup", param=field)
+    if req.draft_tokens is not None:
+        try:
+            KControl(req.draft_tokens)
+        except PocketError as e:
+            raise APIError(400, str(e), param="draft_tokens") from None
+
+
+async def launch(state, req, name: str, sched: Scheduler, kind: str, prompts: list[list[int]],
+                 params: SamplingParams, shown) -> Generation:
+    """Build and queue the request's sequences: each prompt ``req.n`` times (choice j with
+    seed + j), with its JSON constraint and speculation options; ``shown`` is what
+    --log-prompts logs."""
+    factory = await asyncio.to_thread(constraint_for, req.response_format, sched, req.ignore_eos)
+    log_request(name, kind, prompts[0], shown if state.log_prompts else None)
+    gen = Generation(
+        sched,
+        [p for p in prompts for _ in range(req.n)],
+        [seeded(params, j) for _ in prompts for j in range(req.n)],
+        state.timeout,
+        factory,
+        speculative=req.speculative is not False,
+        draft_tokens=req.draft_tokens,
+    )
+    submit(gen, sched)
+    return gen
+
+
+def envelope(obj: str, name: str, choices: list, rid: str | None = None,
+             created: int | None = None, **fields) -> dict:
+    """OpenAI's reply around ``choices``: id (a fresh one unless given), object, created,
+    model, then ``fields`` (usage, ...)."""
+    prefix = "chatcmpl" if obj.startswith("chat") else "cmpl"
+    return {"id": rid or f"{prefix}-{uuid.uuid4().hex[:24]}", "object": obj,
+            "created": created if created is not None else int(time.time()), "model": name,
+            "system_fingerprint": None, "choices": choices, **fields}
 
 
 def submit(gen: Generation, sched: Scheduler) -> None:
@@ -265,5 +342,12 @@ def join_logprobs(prompt: dict | None, generated: dict | None, shift: int) -> di
     }
 
 
-def usage_of(n_prompt: int, n_out: int) -> dict:
-    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+def usage_of(n_prompt: int, n_out: int, gen: Generation | None = None) -> dict:
+    """OpenAI's usage; with speculative decoding, ``speculative``: {draft, drafted, accepted,
+    acceptance_rate, passes} over the request's sequences."""
+    usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out,
+             "total_tokens": n_prompt + n_out}
+    spec = gen.speculation() if gen is not None else None
+    if spec is not None:
+        usage["speculative"] = spec
+    return usage

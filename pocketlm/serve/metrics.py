@@ -78,8 +78,14 @@ class Metrics:
         out += [
             f'pocketlm_active_sequences{{model="{k}"}} {s.active}' for k, s in schedulers.items()
         ]
+        for field, help_ in (("drafted", "Tokens drafted by speculative decoding."),
+                             ("accepted", "Drafted tokens the target accepted.")):
+            out += [f"# HELP pocketlm_speculative_{field}_tokens_total {help_}",
+                    f"# TYPE pocketlm_speculative_{field}_tokens_total counter"]
+            out += [f'pocketlm_speculative_{field}_tokens_total{{model="{k}"}} '
+                    f"{getattr(s.spec, field)}" for k, s in schedulers.items() if s.draft]
         out += [
-            "# HELP pocketlm_decode_steps_total Batched decode steps run.",
+            "# HELP pocketlm_decode_steps_total Decode steps run (a speculative round counts one).",
             "# TYPE pocketlm_decode_steps_total counter",
         ]
         out += [

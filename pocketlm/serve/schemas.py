@@ -66,6 +66,10 @@ class _Sampling(_Strict):
     min_p: float = Field(default=0.0, ge=0, lt=1)
     repetition_penalty: float = Field(default=1.0, gt=0)
     ignore_eos: bool = False
+    # speculative decoding (a model served with --draft): false turns it off for this request;
+    # draft_tokens sets its K (1..64 or "auto"). Either, for a model without a draft: a 400.
+    speculative: bool | None = None
+    draft_tokens: int | Literal["auto"] | None = None
     # recognised, not implemented: refused unless neutral
     frequency_penalty: float | None = None
     presence_penalty: float | None = None

@@ -4,24 +4,20 @@ router, model ``"auto"`` goes to the route it picks for the last user message.""
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse
 
 from pocketlm.errors import PocketError
-from pocketlm.serve.errors import APIError, parse, refuse_unsupported
+from pocketlm.serve.errors import APIError
 from pocketlm.serve.generation import (
-    Generation,
-    constraint_for,
+    envelope,
     fold,
-    log_request,
+    launch,
+    open_request,
     record,
     sampling_params,
-    seeded,
-    submit,
     usage_of,
 )
 from pocketlm.serve.schemas import ChatRequest
@@ -30,20 +26,21 @@ from pocketlm.serve.streaming import chat_stream, sse
 router = APIRouter()
 
 
+async def route_auto(state, req: ChatRequest) -> dict | None:
+    """Model ``"auto"`` with a router: the route it picks for the last user message (and
+    ``req.model`` becomes that route's model); None otherwise."""
+    if req.model != "auto" or state.router is None or "auto" in state.schedulers:
+        return None
+    query = next((m.text() for m in reversed(req.messages) if m.role == "user"), "")
+    d = await asyncio.to_thread(state.router.decide, query)
+    req.model = state.route_models[d.route]
+    return {"name": d.route, "confidence": d.confidence, "fallback": d.fallback,
+            "reason": d.reason}
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(http: HTTPRequest):
-    state = http.app.state
-    req = await parse(http, ChatRequest)
-    route = None
-    if req.model == "auto" and state.router is not None and "auto" not in state.schedulers:
-        query = next((m.text() for m in reversed(req.messages) if m.role == "user"), "")
-        d = await asyncio.to_thread(state.router.decide, query)
-        route = {"name": d.route, "confidence": d.confidence, "fallback": d.fallback,
-                 "reason": d.reason}
-        req.model = state.route_models[d.route]
-    name, sched = state.model_for(req.model)
-    tok = sched.tokenizer
-    refuse_unsupported(req)
+    state, req, name, sched, route = await open_request(http, ChatRequest, route_auto)
     if req.tools:
         raise APIError(
             400,
@@ -57,7 +54,7 @@ async def chat_completions(http: HTTPRequest):
         {"role": m.role if m.role != "developer" else "system", "content": m.text()}
         for m in req.messages
     ]
-    if not tok.has_chat_template:
+    if not sched.tokenizer.has_chat_template:
         raise APIError(
             400, f"model {name!r} has no chat template; use /v1/completions", param="model"
         )
@@ -74,39 +71,26 @@ async def chat_completions(http: HTTPRequest):
     )
     top = (req.top_logprobs or 0) if req.logprobs else 0
     params = sampling_params(req, max_tokens if max_tokens is not None else sched.max_len, top)
-    factory = await asyncio.to_thread(constraint_for, req.response_format, sched, req.ignore_eos)
-    log_request(name, "chat", prompt, messages if state.log_prompts else None)
-    gen = Generation(
-        sched, [prompt] * req.n, [seeded(params, i) for i in range(req.n)], state.timeout, factory
-    )
-    submit(gen, sched)
-    rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    usage_prompt = len(prompt)
+    gen = await launch(state, req, name, sched, "chat", [prompt], params, messages)
+    n_prompt = len(prompt)
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        resp = sse(chat_stream(state, gen, rid, name, req.logprobs, include_usage, usage_prompt))
+        resp = sse(chat_stream(state, gen, name, req.logprobs, include_usage, n_prompt))
         if route:
             resp.headers["X-Pocketlm-Route"] = route["name"]
         return resp
     texts, reasons, lps, n_out = await fold(gen, http, req.logprobs, state.timeout)
-    record(state.metrics, gen, name, "/v1/chat/completions", usage_prompt, n_out)
-    body = {
-        "id": rid,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": name,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": texts[i], "refusal": None},
-                "logprobs": {"content": lps[i]} if req.logprobs else None,
-                "finish_reason": reasons[i],
-            }
-            for i in range(req.n)
-        ],
-        "usage": usage_of(usage_prompt, n_out),
-    }
+    record(state.metrics, gen, name, "/v1/chat/completions", n_prompt, n_out)
+    choices = [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": texts[i], "refusal": None},
+            "logprobs": {"content": lps[i]} if req.logprobs else None,
+            "finish_reason": reasons[i],
+        }
+        for i in range(req.n)
+    ]
+    body = envelope("chat.completion", name, choices, usage=usage_of(n_prompt, n_out, gen))
     if route is None:
         return body
     body["route"] = route

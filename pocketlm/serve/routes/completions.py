@@ -4,26 +4,22 @@ with ``echo`` (the prompt first, and with ``logprobs`` its tokens' log-probs, ``
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 
 from fastapi import APIRouter
 from fastapi import Request as HTTPRequest
 
 from pocketlm.engine.scheduler import Scheduler
-from pocketlm.serve.errors import APIError, parse, refuse_unsupported
+from pocketlm.serve.errors import APIError
 from pocketlm.serve.generation import (
-    Generation,
     completion_prompts,
-    constraint_for,
+    envelope,
     fold,
     join_logprobs,
+    launch,
     legacy_logprobs,
-    log_request,
+    open_request,
     record,
     sampling_params,
-    seeded,
-    submit,
     usage_of,
 )
 from pocketlm.serve.schemas import CompletionRequest
@@ -34,10 +30,7 @@ router = APIRouter()
 
 @router.post("/v1/completions")
 async def completions(http: HTTPRequest):
-    state = http.app.state
-    req = await parse(http, CompletionRequest)
-    name, sched = state.model_for(req.model)
-    refuse_unsupported(req)
+    state, req, name, sched, _ = await open_request(http, CompletionRequest)
     if req.suffix or (req.best_of not in (None, 1, req.n)):
         raise APIError(
             400,
@@ -69,37 +62,24 @@ async def completions(http: HTTPRequest):
             body = greedy_from_echo(state.metrics, name, prompts, echoed, sched, params.stop)
             if body is not None:
                 return body
-    factory = await asyncio.to_thread(constraint_for, req.response_format, sched, req.ignore_eos)
-    log_request(name, "completion", prompts[0], req.prompt if state.log_prompts else None)
-    all_prompts = [p for p in prompts for _ in range(req.n)]
-    all_params = [seeded(params, j) for _ in prompts for j in range(req.n)]
-    gen = Generation(sched, all_prompts, all_params, state.timeout, factory)
-    submit(gen, sched)
-    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-    usage_prompt = sum(len(p) for p in prompts)
+    gen = await launch(state, req, name, sched, "completion", prompts, params, req.prompt)
+    n_prompt = sum(len(p) for p in prompts)
     want_lp = req.logprobs is not None
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return sse(completion_stream(state, gen, rid, name, want_lp, include_usage, usage_prompt))
+        return sse(completion_stream(state, gen, name, want_lp, include_usage, n_prompt))
     texts, reasons, lps, n_out = await fold(gen, http, want_lp, state.timeout)
-    record(state.metrics, gen, name, "/v1/completions", usage_prompt, n_out)
-    body = {
-        "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": name,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": i,
-                "text": texts[i],
-                "logprobs": legacy_logprobs(lps[i]) if want_lp else None,
-                "finish_reason": reasons[i],
-            }
-            for i in range(len(all_prompts))
-        ],
-        "usage": usage_of(usage_prompt, n_out),
-    }
+    record(state.metrics, gen, name, "/v1/completions", n_prompt, n_out)
+    choices = [
+        {
+            "index": i,
+            "text": texts[i],
+            "logprobs": legacy_logprobs(lps[i]) if want_lp else None,
+            "finish_reason": reasons[i],
+        }
+        for i in range(len(gen.requests))
+    ]
+    body = envelope("text_completion", name, choices, usage=usage_of(n_prompt, n_out, gen))
     if req.echo:
         for c in body["choices"]:
             text, lp, _ = echoed[c["index"] // req.n]
@@ -140,23 +120,16 @@ async def echo_prompts(req, prompts, sched: Scheduler, top: int, with_next: bool
 def echo_only(metrics, req, name: str, prompts, echoed) -> dict:
     n_prompt = sum(len(p) for p in prompts)
     metrics.count_tokens(name, "prompt", n_prompt)
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex[:24]}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": name,
-        "system_fingerprint": None,
-        "choices": [
-            {
-                "index": i,
-                "text": echoed[i // req.n][0],
-                "logprobs": echoed[i // req.n][1],
-                "finish_reason": "length",
-            }
-            for i in range(len(prompts) * req.n)
-        ],
-        "usage": usage_of(n_prompt, 0),
-    }
+    choices = [
+        {
+            "index": i,
+            "text": echoed[i // req.n][0],
+            "logprobs": echoed[i // req.n][1],
+            "finish_reason": "length",
+        }
+        for i in range(len(prompts) * req.n)
+    ]
+    return envelope("text_completion", name, choices, usage=usage_of(n_prompt, 0))
 
 
 def greedy_from_echo(metrics, name: str, prompts, echoed, sched: Scheduler, stop) -> dict | None:
@@ -177,6 +150,4 @@ def greedy_from_echo(metrics, name: str, prompts, echoed, sched: Scheduler, stop
     n_prompt = sum(len(p) for p in prompts)
     metrics.count_tokens(name, "prompt", n_prompt)
     metrics.count_tokens(name, "completion", len(prompts))
-    return {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion",
-            "created": int(time.time()), "model": name, "system_fingerprint": None,
-            "choices": choices, "usage": usage_of(n_prompt, len(prompts))}
+    return envelope("text_completion", name, choices, usage=usage_of(n_prompt, len(prompts)))
