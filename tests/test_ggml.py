@@ -65,9 +65,20 @@ def test_dequantize_is_gguf_bit_for_bit(name):
     assert torch.equal(m.dequantize(slice(3, 20)), ref[3:20])
 
 
+@pytest.fixture
+def fp32_act():
+    """fp32 activations in the quantized products (their int8 default, which rounds x, is
+    tested against its own reference in tests/test_ggml_int8.py)."""
+    lib = ggml._lib()
+    before = None if lib is None else lib.pocketlm_ggml_set_int8_act(0)
+    yield
+    if lib is not None:
+        lib.pocketlm_ggml_set_int8_act(before)
+
+
 @pytest.mark.parametrize("name", ALL_TYPES)
 @pytest.mark.parametrize("rows", [1, 3, 8, 13])
-def test_products_match_dequantized_matmul(name, rows):
+def test_products_match_dequantized_matmul(name, rows, fp32_act):
     # odd output widths (not a multiple of the threads' chunks); 13 rows: the tiled GEMM path
     k = 768 if name in K_QUANTS else 160
     m, ref = module(name, 301, k, seed=rows)

@@ -5,8 +5,10 @@
 //   dequantize: rows of blocks -> fp32, bit-identical to gguf.quants.dequantize (same order of
 //               float operations, no fused multiply-add) when asked for exact values;
 //   gemv:       y (T, N) = x (T, K) @ W.T for a few rows of x (decode), block by block: each
-//               block is decoded into a small fp32 buffer in registers/L1 and multiplied with
-//               every row of x before the next block is read, so each weight byte is read once.
+//               block is decoded once in registers and multiplied with every row of x before
+//               the next block is read, so each weight byte is read once. The quantized types
+//               round x to int8 first and use integer dot products (see "int8 activations"
+//               below; POCKETLM_GGML_FP32_ACT=1 keeps fp32 activations); F16/BF16 use fp32.
 // Output rows are shared among threads in chunks; each row's sum runs in one fixed order, so
 // results do not depend on the thread count.
 //
@@ -15,7 +17,9 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -349,15 +353,377 @@ void gemv_rows(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, f
   }
 }
 
-// What a type's row kernel reads of x besides x itself: sums of x per 32 columns (T, K/32).
-int64_t act_floats(int64_t T, int64_t K) { return T * (K / 32); }
+// -- int8 activations: integer dot products, as llama.cpp computes ------------------------------
+// For the quantized types each row of x is rounded to int8 once per product (ggml_prepare) and
+// a block's products are integer multiply-adds, its scales applied once per block:
+//   Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: one activation scale per 32 columns (llama.cpp's Q8_0/Q8_1),
+//     sum_b dw_b * dx_b * sum_i q_bi x_bi (+ the block's min times the block's x sum);
+//   Q4_K, Q5_K, Q6_K: one activation scale per 256 columns (llama.cpp's Q8_K) with sums of the
+//     int8 values per 16 (Q6_K) or 32 (Q4_K/Q5_K) columns, so a super-block's sub-block scales
+//     multiply int16 pair sums in integers and its fp32 scale is applied once per 256 weights.
+// Rounding: d = max|x| / 127 per block, x_q = nearest-even(x / d) (the same fp32 operations in
+// every build). The integer sums are exact; results differ from the fp32 activations by the
+// rounding of x (~0.4% of a value) and no longer match the dequantized product bit for bit.
+// POCKETLM_GGML_FP32_ACT=1 (read once) keeps fp32 activations (the fp32 path above), as does
+// pocketlm_ggml_set_int8_act(0) at run time (tests, comparisons).
+//
+// Integer building blocks on 256-bit vectors (VNNI where the build has it, else AVX2):
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+inline __m256i dp_u8s8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(acc, u, s); }
+inline __m256i dp_s16(__m256i acc, __m256i a, __m256i b) { return _mm256_dpwssd_epi32(acc, a, b); }
+#elif defined(__AVXVNNI__)
+inline __m256i dp_u8s8(__m256i acc, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
+inline __m256i dp_s16(__m256i acc, __m256i a, __m256i b) { return _mm256_dpwssd_avx_epi32(acc, a, b); }
+#else
+// acc + sums of 4 adjacent u8 x s8 products; exact while a pair of products fits int16
+// (u <= 128: every use below).
+inline __m256i dp_u8s8(__m256i acc, __m256i u, __m256i s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+inline __m256i dp_s16(__m256i acc, __m256i a, __m256i b) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b));
+}
+#endif
+// Signed x signed bytes: |a| (<= 128 as u8) times b with a's sign.
+inline __m256i dp_s8s8(__m256i acc, __m256i a, __m256i b) {
+  return dp_u8s8(acc, _mm256_abs_epi8(a), _mm256_sign_epi8(b, a));
+}
+inline int32_t hsum_i32x4(__m128i s) {
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+inline float hsum8(__m256 v) {
+  __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
+}
 
-void prepare_act(const float* x, int64_t T, int64_t K, float* act) {
-  for (int64_t i = 0; i < T * (K / 32); ++i) {
-    float s = 0.f;
-    for (int j = 0; j < 32; ++j) s += x[i * 32 + j];
-    act[i] = s;
+std::atomic<int> g_int8_act{-1};
+
+bool int8_act_on() {
+  int v = g_int8_act.load(std::memory_order_relaxed);
+  if (v < 0) {
+    const char* e = std::getenv("POCKETLM_GGML_FP32_ACT");
+    v = (e != nullptr && e[0] == '1') ? 0 : 1;
+    g_int8_act.store(v, std::memory_order_relaxed);
   }
+  return v == 1;
+}
+
+constexpr bool has_int8(int type) {
+  return type == Q4_0 || type == Q4_1 || type == Q5_0 || type == Q5_1 || type == Q8_0 ||
+         type == Q4_K || type == Q5_K || type == Q6_K;
+}
+constexpr bool is_kquant(int type) { return type == Q4_K || type == Q5_K || type == Q6_K; }
+
+// The scratch (floats): [0] a tag, 1 for int8 activations, 0 for fp32 ones; from HEAD on, T
+// rows of `row_floats` each. fp32: sums of x per 32 columns (K/32). int8, 32-column types
+// (nb = K/32): d[nb], dsum[nb] = d * sum(x_q), corr[8 nb] int32, x_q[K] int8, where corr (Q4_0
+// and Q5_0) is -c * the sum of each 4 x_q (c = 8, 16: the codes' offset) for the dot product to
+// start from. K-quants (ns = K/256): d[ns], sums[16 ns] int16 (per 16 columns for Q6_K, per
+// 32 for Q4_K/Q5_K), x_q[K].
+constexpr int64_t HEAD = 16;
+int64_t int8_row_floats(int type, int64_t K) {
+  if (is_kquant(type)) return (K / 256) * (1 + 8) + K / 4;
+  return (K / 32) * (2 + 8) + K / 4;
+}
+int64_t row_floats(int type, int64_t K) {
+  return has_int8(type) ? std::max(K / 32, int8_row_floats(type, K)) : K / 32;
+}
+
+struct I8Row {
+  const float* d;
+  const float* dsum;
+  const int32_t* corr;
+  const int16_t* sums;
+  const int8_t* xq;
+};
+
+template <int TYPE>
+I8Row i8_row(const float* act, int64_t K, int64_t t) {
+  const float* r = act + HEAD + t * row_floats(TYPE, K);
+  if constexpr (is_kquant(TYPE)) {
+    const int64_t ns = K / 256;
+    return {r, nullptr, nullptr, reinterpret_cast<const int16_t*>(r + ns),
+            reinterpret_cast<const int8_t*>(r + 9 * ns)};
+  } else {
+    const int64_t nb = K / 32;
+    return {r, r + nb, reinterpret_cast<const int32_t*>(r + 2 * nb), nullptr,
+            reinterpret_cast<const int8_t*>(r + 10 * nb)};
+  }
+}
+
+// n (a multiple of 32) floats -> int8 with one scale: returns d; q (n bytes).
+inline float round_block(const float* x, int64_t n, int8_t* q) {
+  __m256 amax = _mm256_setzero_ps();
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int64_t i = 0; i < n; i += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  const float d = _mm_cvtss_f32(m) / 127.f;
+  const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t i = 0; i < n; i += 32) {
+    __m256i v[4];
+    for (int j = 0; j < 4; ++j)  // cvtps rounds to nearest even (the default MXCSR mode)
+      v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), id));
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(p, order));
+  }
+  return d;
+}
+
+template <int TYPE>
+void prepare_i8(const float* x, int64_t T, int64_t K, float* act) {
+  for (int64_t t = 0; t < T; ++t) {
+    float* r = act + HEAD + t * row_floats(TYPE, K);
+    const float* xr = x + t * K;
+    if constexpr (is_kquant(TYPE)) {
+      const int64_t ns = K / 256;
+      int16_t* sums = reinterpret_cast<int16_t*>(r + ns);
+      int8_t* xq = reinterpret_cast<int8_t*>(r + 9 * ns);
+      constexpr int G = TYPE == Q6_K ? 16 : 32;
+      for (int64_t s = 0; s < ns; ++s) {
+        r[s] = round_block(xr + 256 * s, 256, xq + 256 * s);
+        for (int g = 0; g < 256 / G; ++g) {
+          int v = 0;
+          for (int i = 0; i < G; ++i) v += xq[256 * s + G * g + i];
+          sums[16 * s + g] = int16_t(v);
+        }
+      }
+    } else {
+      const int64_t nb = K / 32;
+      float* dsum = r + nb;
+      int32_t* corr = reinterpret_cast<int32_t*>(r + 2 * nb);
+      int8_t* xq = reinterpret_cast<int8_t*>(r + 10 * nb);
+      constexpr int C = TYPE == Q4_0 ? 8 : TYPE == Q5_0 ? 16 : 0;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int8_t* q = xq + 32 * b;
+        r[b] = round_block(xr + 32 * b, 32, xq + 32 * b);
+        int s = 0;
+        for (int l = 0; l < 8; ++l) {
+          const int s4 = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
+          corr[8 * b + l] = -C * s4;
+          s += s4;
+        }
+        dsum[b] = r[b] * float(s);
+      }
+    }
+  }
+  act[0] = 1.f;
+}
+
+// Bit j of `bits` -> 0x10 in byte j (the 5th bit of a Q5 block's codes), AVX2.
+inline __m256i bits_to_0x10(uint32_t bits) {
+  const __m256i shuf = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                        2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(0x8040201008040201LL);
+  __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi32(int(bits)), shuf);
+  v = _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
+  return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+// The 32 codes of a 32-column block as bytes in column order: u8 (Q4/Q5) or s8 (Q8_0).
+template <int TYPE>
+inline __m256i codes32(const uint8_t* blk) {
+  if constexpr (TYPE == Q8_0) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 2));
+  } else {
+    constexpr int qs_at = TYPE == Q4_0 ? 2 : TYPE == Q4_1 ? 4 : TYPE == Q5_0 ? 6 : 8;
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + qs_at));
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    __m256i u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
+    if constexpr (TYPE == Q5_0 || TYPE == Q5_1) {
+      uint32_t qh;
+      std::memcpy(&qh, blk + qs_at - 4, 4);
+      u = _mm256_or_si256(u, bits_to_0x10(qh));
+    }
+    return u;
+  }
+}
+
+// y[t * ldy + n] = x_q[t] . W[n] for the 32-column types.
+template <int TYPE, int T>
+void rows_i8_32(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes, float* y,
+                int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int BYTES = Traits<TYPE>::BYTES;
+  constexpr int NA = T <= 2 ? 2 : 1;  // independent accumulators: blocks alternate
+  const int64_t nb = K / 32;
+  I8Row a[T];
+  for (int t = 0; t < T; ++t) a[t] = i8_row<TYPE>(act, K, t);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    __m256 acc[NA][T];
+    float mins[T];
+    for (int t = 0; t < T; ++t) {
+      mins[t] = 0.f;
+      for (int k = 0; k < NA; ++k) acc[k][t] = _mm256_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * BYTES;
+      const __m256i u = codes32<TYPE>(blk);
+      const __m256 dw = _mm256_set1_ps(h2f(blk));
+      __m256* ac = acc[NA == 2 ? (b & 1) : 0];
+      for (int t = 0; t < T; ++t) {
+        const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].xq + 32 * b));
+        __m256i p;
+        if constexpr (TYPE == Q8_0) {
+          p = dp_s8s8(_mm256_setzero_si256(), u, xv);
+        } else if constexpr (TYPE == Q4_0 || TYPE == Q5_0) {
+          p = dp_u8s8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].corr + 8 * b)), u, xv);
+        } else {
+          p = dp_u8s8(_mm256_setzero_si256(), u, xv);
+        }
+        ac[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_broadcast_ss(a[t].d + b)), ac[t]);
+      }
+      if constexpr (TYPE == Q4_1 || TYPE == Q5_1) {
+        const float m = h2f(blk + 2);
+        for (int t = 0; t < T; ++t) mins[t] += m * a[t].dsum[b];
+      }
+    }
+    for (int t = 0; t < T; ++t) {
+      __m256 s = acc[0][t];
+      if constexpr (NA == 2) s = _mm256_add_ps(s, acc[1][t]);
+      y[t * ldy + n] = hsum8(s) + mins[t];
+    }
+  }
+}
+
+// The 8 6-bit scales and 8 mins of a Q4_K/Q5_K block's 12 bytes, as bytes (scale_min_k4's
+// layout, four at a time).
+inline void scales_mins_k4(const uint8_t* q, uint8_t sc[8], uint8_t mn[8]) {
+  uint32_t u[3];
+  std::memcpy(u, q, 12);
+  const uint32_t lo6 = 0x3F3F3F3F, lo4 = 0x0F0F0F0F, lo2 = 0x03030303;
+  const uint32_t s[2] = {u[0] & lo6, (u[2] & lo4) | (((u[0] >> 6) & lo2) << 4)};
+  const uint32_t m[2] = {u[1] & lo6, ((u[2] >> 4) & lo4) | (((u[1] >> 6) & lo2) << 4)};
+  std::memcpy(sc, s, 8);
+  std::memcpy(mn, m, 8);
+}
+
+// y[t * ldy + n] = x_q[t] . W[n] for the K-quants.
+template <int TYPE, int T>
+void rows_i8_k(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes, float* y,
+               int64_t ldy, int64_t n0, int64_t n1) {
+  constexpr int BYTES = Traits<TYPE>::BYTES;
+  const int64_t ns = K / 256;
+  I8Row a[T];
+  for (int t = 0; t < T; ++t) a[t] = i8_row<TYPE>(act, K, t);
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w + n * row_bytes;
+    __m256 acc[T];
+    float mins[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps(), mins[t] = 0.f;
+    for (int64_t sb = 0; sb < ns; ++sb) {
+      const uint8_t* blk = row + sb * BYTES;
+      __m256i isum[T];
+      for (int t = 0; t < T; ++t) isum[t] = _mm256_setzero_si256();
+      float dd, dmin = 0.f;
+      __m128i mins16 = _mm_setzero_si128();
+      if constexpr (TYPE == Q4_K || TYPE == Q5_K) {
+        dd = h2f(blk);
+        dmin = h2f(blk + 2);
+        alignas(16) uint8_t sc[8], mn[8];
+        scales_mins_k4(blk + 4, sc, mn);
+        mins16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn)));
+        const uint8_t* ql = blk + (TYPE == Q4_K ? 16 : 48);
+        __m256i qh;
+        if constexpr (TYPE == Q5_K) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
+        const __m256i one = _mm256_set1_epi8(1);
+        for (int c = 0; c < 4; ++c) {
+          const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32 * c));
+          __m256i lo = _mm256_and_si256(b, m4), hi = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+          if constexpr (TYPE == Q5_K) {
+            lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4));
+            hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
+          }
+          const __m256i s0 = _mm256_set1_epi16(sc[2 * c]), s1 = _mm256_set1_epi16(sc[2 * c + 1]);
+          for (int t = 0; t < T; ++t) {
+            const int8_t* xp = a[t].xq + 256 * sb + 64 * c;
+            const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
+            const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
+            isum[t] = dp_s16(isum[t], _mm256_maddubs_epi16(lo, x0), s0);
+            isum[t] = dp_s16(isum[t], _mm256_maddubs_epi16(hi, x1), s1);
+          }
+        }
+      } else {  // Q6_K: codes 0..63 (offset 32), a signed scale per 16
+        const uint8_t* ql = blk;
+        const uint8_t* qhp = blk + 128;
+        const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+        dd = h2f(blk + 208);
+        const __m256i m2 = _mm256_set1_epi8(0x03);
+        for (int half = 0; half < 2; ++half) {
+          const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * half));
+          const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * half + 32));
+          const __m256i hq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qhp + 32 * half));
+          for (int j = 0; j < 4; ++j) {
+            const __m256i l4 = (j & 1) ? qb : qa;
+            const __m256i lo = (j >> 1) ? _mm256_and_si256(_mm256_srli_epi16(l4, 4), m4) : _mm256_and_si256(l4, m4);
+            const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(hq, 2 * j), m2);
+            const __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hb, 4));
+            const int s0 = 8 * half + 2 * j;
+            const __m256i sv = _mm256_set_m128i(_mm_set1_epi16(sc[s0 + 1]), _mm_set1_epi16(sc[s0]));
+            for (int t = 0; t < T; ++t) {
+              const __m256i xv = _mm256_loadu_si256(
+                  reinterpret_cast<const __m256i*>(a[t].xq + 256 * sb + 128 * half + 32 * j));
+              isum[t] = dp_s16(isum[t], _mm256_maddubs_epi16(q, xv), sv);
+            }
+          }
+        }
+        // the offset: - 32 * sum_k sc_k * (sum of x_q over sub-block k)
+        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
+        for (int t = 0; t < T; ++t) {
+          const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].sums + 16 * sb));
+          isum[t] = _mm256_sub_epi32(isum[t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));
+        }
+      }
+      for (int t = 0; t < T; ++t) {
+        const float dx = a[t].d[sb];
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(dd * dx), acc[t]);
+        if constexpr (TYPE == Q4_K || TYPE == Q5_K) {  // dmin * sum_j m_j * (sum of x_q over j)
+          const __m128i bs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a[t].sums + 16 * sb));
+          mins[t] += dmin * dx * float(hsum_i32x4(_mm_madd_epi16(mins16, bs)));
+        }
+      }
+    }
+    for (int t = 0; t < T; ++t) y[t * ldy + n] = hsum8(acc[t]) - mins[t];
+  }
+}
+
+// fp32 activations (the path above): sums of x per 32 columns (T, K/32) at act + HEAD, with
+// row stride row_floats(type, K).
+void prepare_fp32(int type, const float* x, int64_t T, int64_t K, float* act) {
+  const int64_t G = K / 32, stride = row_floats(type, K);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int j = 0; j < 32; ++j) s += x[t * K + g * 32 + j];
+      act[HEAD + t * stride + g] = s;
+    }
+  act[0] = 0.f;
+}
+
+template <int TYPE, int T>
+void rows_t(const float* act, const float* x, int64_t K, const uint8_t* w, int64_t row_bytes,
+            float* y, int64_t ldy, int64_t n0, int64_t n1) {
+  if constexpr (has_int8(TYPE)) {
+    if (act[0] == 1.f) {
+      if constexpr (is_kquant(TYPE)) rows_i8_k<TYPE, T>(act, K, w, row_bytes, y, ldy, n0, n1);
+      else rows_i8_32<TYPE, T>(act, K, w, row_bytes, y, ldy, n0, n1);
+      return;
+    }
+  }
+  const int64_t stride = row_floats(TYPE, K);
+  if (stride == K / 32) {
+    gemv_rows<TYPE, T>(x, K, w, row_bytes, y, ldy, n0, n1, act + HEAD);
+    return;
+  }
+  std::vector<float> xs(T * (K / 32));  // the sums, packed (T, K/32) as gemv_rows reads them
+  for (int t = 0; t < T; ++t) std::copy(act + HEAD + t * stride, act + HEAD + t * stride + K / 32, xs.data() + t * (K / 32));
+  gemv_rows<TYPE, T>(x, K, w, row_bytes, y, ldy, n0, n1, xs.data());
 }
 
 // y[t * ldy + n] for n in [n0, n1), T <= 8 rows of x.
@@ -365,26 +731,42 @@ template <int TYPE>
 void rows_range(const float* act, const float* x, int64_t T, int64_t K, const uint8_t* w,
                 int64_t row_bytes, float* y, int64_t ldy, int64_t n0, int64_t n1) {
   switch (T) {
-    case 1: gemv_rows<TYPE, 1>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
-    case 2: gemv_rows<TYPE, 2>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
-    case 3: gemv_rows<TYPE, 3>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
-    case 4: gemv_rows<TYPE, 4>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
-    case 5: gemv_rows<TYPE, 5>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
-    case 6: gemv_rows<TYPE, 6>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
-    case 7: gemv_rows<TYPE, 7>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
-    default: gemv_rows<TYPE, 8>(x, K, w, row_bytes, y, ldy, n0, n1, act); break;
+    case 1: rows_t<TYPE, 1>(act, x, K, w, row_bytes, y, ldy, n0, n1); break;
+    case 2: rows_t<TYPE, 2>(act, x, K, w, row_bytes, y, ldy, n0, n1); break;
+    case 3: rows_t<TYPE, 3>(act, x, K, w, row_bytes, y, ldy, n0, n1); break;
+    case 4: rows_t<TYPE, 4>(act, x, K, w, row_bytes, y, ldy, n0, n1); break;
+    case 5: rows_t<TYPE, 5>(act, x, K, w, row_bytes, y, ldy, n0, n1); break;
+    case 6: rows_t<TYPE, 6>(act, x, K, w, row_bytes, y, ldy, n0, n1); break;
+    case 7: rows_t<TYPE, 7>(act, x, K, w, row_bytes, y, ldy, n0, n1); break;
+    default: rows_t<TYPE, 8>(act, x, K, w, row_bytes, y, ldy, n0, n1); break;
   }
+}
+
+int64_t act_floats(int type, int64_t T, int64_t K) { return HEAD + T * row_floats(type, K); }
+
+template <int TYPE>
+void prepare(const float* x, int64_t T, int64_t K, float* act) {
+  if constexpr (has_int8(TYPE)) {
+    if (int8_act_on()) {
+      prepare_i8<TYPE>(x, T, K, act);
+      return;
+    }
+  }
+  prepare_fp32(TYPE, x, T, K, act);
 }
 
 template <int TYPE>
 void gemv(const float* x, int64_t T, int64_t K, const uint8_t* w, int64_t row_bytes,
           int64_t N, float* y) {
-  std::vector<float> act(act_floats(T, K));
-  prepare_act(x, T, K, act.data());
+  // at most 8 rows of x per pass over W, each pass with its own prepared activations
+  const int64_t passes = (T + 7) / 8, per = act_floats(TYPE, 8, K);
+  std::vector<float> act(passes * per);
+  for (int64_t p = 0; p < passes; ++p)
+    prepare<TYPE>(x + 8 * p * K, std::min<int64_t>(8, T - 8 * p), K, act.data() + p * per);
   share_rows(N, N * K * T, [&](int64_t n0, int64_t n1) {
-    for (int64_t t0 = 0; t0 < T; t0 += 8)  // at most 8 rows of x per pass over W
-      rows_range<TYPE>(act.data() + t0 * (K / 32), x + t0 * K, std::min<int64_t>(8, T - t0), K,
-                       w, row_bytes, y + t0 * N, N, n0, n1);
+    for (int64_t p = 0; p < passes; ++p)
+      rows_range<TYPE>(act.data() + p * per, x + 8 * p * K, std::min<int64_t>(8, T - 8 * p), K,
+                       w, row_bytes, y + 8 * p * N, N, n0, n1);
   });
 }
 
@@ -411,13 +793,17 @@ namespace pocketlm {
 int64_t ggml_act_floats(int type, int64_t T, int64_t K) {
   int64_t qk, bytes;
   if (pocketlm_ggml_block(type, &qk, &bytes) != 0) return -1;
-  return act_floats(T, K);
+  return act_floats(type, T, K);
 }
 
 bool ggml_prepare(int type, const float* x, int64_t T, int64_t K, float* act) {
-  if (ggml_act_floats(type, T, K) < 0) return false;
-  prepare_act(x, T, K, act);
-  return true;
+#define POCKETLM_PREP(T_) prepare<T_>(x, T, K, act)
+  auto run = [&]() -> int {
+    POCKETLM_GGML_DISPATCH(type, POCKETLM_PREP)
+    return 0;
+  };
+#undef POCKETLM_PREP
+  return run() == 0;
 }
 
 bool ggml_rows(int type, const float* act, const float* x, int64_t T, int64_t K,
@@ -464,6 +850,14 @@ int pocketlm_ggml_gemv(int type, const float* x, int64_t T, int64_t K, const uin
   POCKETLM_GGML_DISPATCH(type, POCKETLM_GEMV)
 #undef POCKETLM_GEMV
   return 0;
+}
+
+// Whether the quantized types round x to int8 (1) or keep fp32 activations (0); on < 0 only
+// asks. Returns the setting before the call (the default: POCKETLM_GGML_FP32_ACT=1 means 0).
+int pocketlm_ggml_set_int8_act(int on) {
+  const int before = int8_act_on() ? 1 : 0;
+  if (on >= 0) g_int8_act.store(on ? 1 : 0, std::memory_order_relaxed);
+  return before;
 }
 
 }  // extern "C"

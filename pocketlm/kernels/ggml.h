@@ -3,8 +3,12 @@
 //
 //   ggml_act_floats(type, T, K)  floats of scratch one call of ggml_prepare needs;
 //   ggml_prepare(type, x, T, K, act)
-//                                x (T, K) turned into what the type's row kernel reads
-//                                (block sums, or int8 blocks and their scales); one thread;
+//                                x (T, K) turned into what the type's row kernel reads: for
+//                                the quantized types x rounded to int8 blocks with their
+//                                scales and sums (integer dot products, as llama.cpp), else
+//                                (F16/BF16, or POCKETLM_GGML_FP32_ACT=1) sums of x per 32
+//                                columns; act records which, so ggml_rows reads it right;
+//                                one thread;
 //   ggml_rows(type, act, x, T, K, w, row_bytes, y, ldy, n0, n1)
 //                                y[t * ldy + n] = x[t] . W[n] for n in [n0, n1), t < T <= 8;
 //                                one thread, each row's sum in a fixed order (results do not
