@@ -150,8 +150,9 @@ class Model:
 
     # -- saving -------------------------------------------------------------------------
     def dense(self) -> Model:
-        """This model, or (when it holds packed GGUF blocks) a copy with fp32 weights in their
-        place: what the weight-rewriting steps (quantize, prune, finetune, distill) work on."""
+        """This model, or (when it holds packed GGUF blocks or 16-bit Hugging Face matrices) a
+        copy with fp32 weights in their place: what the weight-rewriting steps (quantize,
+        prune, finetune, distill) work on."""
         from pocketlm.model.ggml import dense_copy, packed_modules
 
         if not packed_modules(self.network):
@@ -172,9 +173,10 @@ class Model:
             cfg = self.config.to_hf()
             if getattr(self.network, "quantization_config", None):  # packed weights: see compress/
                 cfg["quantization_config"] = self.network.quantization_config
-            from pocketlm.model.ggml import float_state_dict  # GGUF blocks: saved as fp32
+            # GGUF blocks are saved as fp32, F16/BF16 weights (GGUF or HF) as they are
+            from pocketlm.model.ggml import stored_state_dict
 
-            hf_format.save_state_dict(float_state_dict(self.network), folder,
+            hf_format.save_state_dict(stored_state_dict(self.network), folder,
                                       self.config.tie_embeddings)
             self.tokenizer.save(folder)
             self.card.save(folder, self.config)  # card.json and the README.md model card
@@ -232,8 +234,10 @@ def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: torch.dtype |
     """Load a model by name (see ``pocketlm list``), GGUF file, or Hugging Face/pocketlm folder.
 
     With ``dtype=None`` (the default) a GGUF file's quantized and 16-bit tensors stay in their
-    packed form in memory and the kernels compute from them (``model/ggml.py``); other weights
-    load as fp32. ``dtype=torch.float32`` or ``torch.bfloat16`` dequantizes every weight to that
+    packed form in memory and the kernels compute from them (``model/ggml.py``), and so do a
+    Hugging Face folder's bf16/fp16 matrices (as F16/BF16 rows over the memory-mapped
+    safetensors); other weights (norms, biases, fp32 folders) load as fp32.
+    ``dtype=torch.float32`` or ``torch.bfloat16`` dequantizes every weight to that
     dtype. Raises ModelNotFound, FormatError (truncated or corrupted files) or UnsupportedModel
     (architectures or tensor types we do not run), each with a message that says what to do.
     """
@@ -243,6 +247,7 @@ def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: torch.dtype |
         from pocketlm.train.lora import load_adapter  # a LoRA adapter folder: base + merged update
 
         return load_adapter(path, dtype=dtype, threads=threads)
+    halves = None  # (packed, small) of a Hugging Face folder's 16-bit weights
     if path.is_file() and path.suffix == ".gguf" or path.is_file() and _is_gguf(path):
         f = gguf_format.GGUFFile(path)
         config = gguf_format.read_config(f)
@@ -257,7 +262,10 @@ def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: torch.dtype |
         )
     elif hf_format.is_hf_folder(path):
         config = hf_format.read_config(path)
-        state = hf_format.read_state_dict(path, config)
+        # default dtype: bf16/fp16 matrices stay 16-bit (views of the memory-mapped file)
+        halves = None if dtype is not None or _quantization_config(path) else (
+            hf_format.read_16bit(path, config))
+        state = hf_format.read_state_dict(path, config) if halves is None else None
         tokenizer = Tokenizer.from_folder(path)
         card = Card.load(path)
         card.name = card.name or path.name
@@ -270,7 +278,9 @@ def load(name_or_path: str | Path = registry.DEFAULT_MODEL, dtype: torch.dtype |
     else:
         raise FormatError(f"{path} is neither a .gguf file nor a model folder")
     qconfig = _quantization_config(path)
-    if state is None:  # a GGUF file, kept packed
+    if halves is not None:
+        network = build_packed_network(config, *halves, source=str(path))
+    elif state is None:  # a GGUF file, kept packed
         network = build_gguf_network(f, config, source=str(path))
     elif qconfig:  # a quantized folder: swap in the modules that compute from packed weights
         from pocketlm.compress.qlinear import build_quantized_network
@@ -341,11 +351,28 @@ def build_gguf_network(f, config: ModelConfig, source: str = "") -> Transformer:
         else:
             w = gguf_format.dequantize(t)
             small[ours] = torch.from_numpy(gguf_format.unpermute(w, heads) if heads else w)
+    return build_packed_network(config, packed, small, source)
+
+
+def build_packed_network(config: ModelConfig, packed: dict, small: dict, source: str = "") -> Transformer:
+    """The network with ``packed`` modules (name -> (GGML type, N, K, (N, row bytes) uint8
+    blocks)) as ``model/ggml.py`` modules over those bytes and ``small`` (name -> tensor: norms,
+    biases, unpacked weights) loaded as fp32: a GGUF file's blocks, or a Hugging Face folder's
+    bf16/fp16 matrices as F16/BF16 rows. Raises FormatError for missing or unexpected weights.
+    """
+    from pocketlm.model import ggml
+
     with torch.device("meta"):
         network = Transformer(config)
     network = network.to_empty(device="cpu")  # untouched memory: the packed modules replace most
     network.init_rope()
     for module, (qtype, n, k, blocks) in packed.items():
+        try:
+            want = tuple(network.get_submodule(module).weight.shape)
+        except AttributeError:
+            raise FormatError(f"{source}: unexpected tensor {module + '.weight'!r}") from None
+        if want != (n, k):
+            raise FormatError(f"{source}: {module}.weight has shape {(n, k)}, the config implies {want}")
         if module == "embed_tokens":
             new = ggml.GGMLEmbedding(qtype, n, k, blocks)
         else:

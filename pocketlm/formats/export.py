@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 # -- what a network holds, tensor by tensor -----------------------------------------------------
 def network_tensors(network) -> list[tuple[str, object]]:
-    """(our state-dict name, float tensor or QuantizedTensor module) for every weight.
+    """(our state-dict name, float tensor, QuantizedTensor or GGMLTensor module) for every
+    weight.
 
     LoRA layers come merged, a tied output projection is left out (GGUF and HF both tie by
     leaving it out), RoPE tables are not weights."""
@@ -94,8 +96,8 @@ def network_tensors(network) -> list[tuple[str, object]]:
         elif kind == "LoRALinear":
             out.append((f"{name}.weight", m.merged_weight().detach()))
             seen.add(name)
-        elif kind in ("GGMLLinear", "GGMLEmbedding"):  # a GGUF file's blocks kept packed
-            out.append((f"{name}.weight", m.dequantize().float()))
+        elif kind in ("GGMLLinear", "GGMLEmbedding"):  # GGUF blocks / 16-bit HF rows, packed
+            out.append((f"{name}.weight", m))
             own_weight.add(f"{name}.weight")  # its bias (Qwen2) is a plain parameter
         elif isinstance(m, TiedQLinear) or kind == "TiedGGMLHead":
             seen.add(name)
@@ -112,8 +114,9 @@ def network_tensors(network) -> list[tuple[str, object]]:
 
 def float_weight(t) -> torch.Tensor:
     from pocketlm.compress.qlinear import QuantizedTensor
+    from pocketlm.model.ggml import GGMLTensor
 
-    return t.dequantize() if isinstance(t, QuantizedTensor) else t.float()
+    return t.dequantize() if isinstance(t, (QuantizedTensor, GGMLTensor)) else t.float()
 
 
 # -- GGUF ---------------------------------------------------------------------------------------
@@ -177,10 +180,13 @@ def _pre_tokenizer_name(spec: dict) -> str:
 def _add_tokenizer(w, tokenizer, vocab_size: int) -> None:
     spec = json.loads(tokenizer.backend.to_str())
     model = spec.get("model", {})
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return _add_sentencepiece(w, tokenizer, spec, vocab_size)
+    if model.get("type") != "BPE":
         raise ExportError(
-            "only byte-level BPE tokenizers (LLaMA 3, SmolLM, Qwen) are exported to GGUF; this "
-            "one is SentencePiece-style (Gemma): export it with --format hf")
+            f"the tokenizer is a {model.get('type')} model; GGUF export writes byte-level BPE "
+            "(LLaMA 3, SmolLM, Qwen) and SentencePiece-style (Gemma) vocabularies: export it "
+            "with --format hf")
     vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
     by_id = {i: t for t, i in vocab.items()}
     added = {t["content"]: t["special"] for t in spec.get("added_tokens", [])}
@@ -211,6 +217,113 @@ def _add_tokenizer(w, tokenizer, vocab_size: int) -> None:
         w.add_chat_template(tokenizer.chat_template)
 
 
+# llama.cpp's token types (gguf.TokenType)
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
+_BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _add_sentencepiece(w, tokenizer, spec: dict, vocab_size: int) -> None:
+    """A SentencePiece-style vocabulary (Gemma's) as llama.cpp's "llama" tokenizer: pieces,
+    scores and token types, the mirror of ``Tokenizer.from_gguf_metadata``.
+
+    ``tokenizers`` keeps merges, not SentencePiece's scores. llama.cpp merges the adjacent pair
+    whose union scores highest, so only the order of the scores of pieces that merges make
+    matters: walking the merges from the first, each new piece they make scores one less than
+    the one before (0, -1, -2, ...), pieces no merge makes come after, added pieces (control,
+    user-defined) score -1000 and byte pieces 0, as llama.cpp's converter writes them. Reading
+    the file back ranks every merge as before (checked here; ExportError otherwise).
+    """
+    from pocketlm.model.tokenizer import _sentencepiece_backend
+
+    _check_spm_text_rules(spec)
+    model = spec["model"]
+    vocab = tokenizer.backend.get_vocab(with_added_tokens=True)
+    by_id = {i: t for t, i in vocab.items()}
+    added = {t["content"]: t["special"] for t in spec.get("added_tokens", [])}
+    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges", [])]
+    tokens, types = [], []
+    for i in range(vocab_size):  # the embedding may have padding rows past the vocabulary
+        tok = by_id.get(i)
+        if tok is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(_UNUSED)
+        elif tok in added:
+            tokens.append(tok)
+            types.append(_CONTROL if added[tok] else _USER_DEFINED)
+        else:
+            tokens.append(tok)
+            types.append(_BYTE if _BYTE_PIECE.fullmatch(tok) else
+                         _UNKNOWN if tok == model.get("unk_token") else _NORMAL)
+    scores = [0.0 if t == _BYTE else -1000.0 for t in types]
+    ranked, next_score = set(), 0.0
+    for a, b in merges:
+        i = vocab.get(a + b)
+        if i is not None and i < vocab_size and types[i] == _NORMAL and i not in ranked:
+            scores[i], next_score = next_score, next_score - 1.0
+            ranked.add(i)
+    for i, t in enumerate(types):
+        if t == _NORMAL and i not in ranked:
+            scores[i], next_score = next_score, next_score - 1.0
+    meta = {"tokenizer.ggml.scores": scores, "tokenizer.ggml.add_space_prefix": False,
+            "tokenizer.ggml.unknown_token_id": vocab.get(model.get("unk_token"))}
+    rebuilt = _sentencepiece_backend(meta, tokens, types, {t: i for i, t in enumerate(tokens)},
+                                     "the export")
+    rebuilt_merges = json.loads(rebuilt.to_str())["model"].get("merges", [])
+    if _normal_merges(rebuilt_merges, types, vocab) != _normal_merges(merges, types, vocab):
+        raise ExportError(
+            "the tokenizer's merges are not ranked the way a SentencePiece vocabulary ranks them "
+            "(by the score of the piece they make), so no scores would make llama.cpp split text "
+            "as it does; export it with --format hf")
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    if tokenizer.bos_id is not None:
+        w.add_bos_token_id(tokenizer.bos_id)
+    if tokenizer.eos_id is not None:
+        w.add_eos_token_id(tokenizer.eos_id)
+    if meta["tokenizer.ggml.unknown_token_id"] is not None:
+        w.add_unk_token_id(meta["tokenizer.ggml.unknown_token_id"])
+    if "<pad>" in vocab:
+        w.add_pad_token_id(vocab["<pad>"])
+    w.add_add_bos_token(bool(tokenizer.add_bos))
+    w.add_add_sep_token(False)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(False)
+    if tokenizer.chat_template:
+        w.add_chat_template(tokenizer.chat_template)
+
+
+def _normal_merges(merges: list, types: list[int], vocab: dict) -> list[tuple[str, str]]:
+    """The merges, in rank order, that make the pieces llama.cpp merges by score (normal ones:
+    added pieces are matched whole before any merge, here and in llama.cpp)."""
+    out = []
+    for m in merges:
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        i = vocab.get(a + b)
+        if i is not None and i < len(types) and types[i] == _NORMAL:
+            out.append((a, b))
+    return out
+
+
+def _check_spm_text_rules(spec: dict) -> None:
+    """Refuse a SentencePiece-style tokenizer whose text handling llama.cpp's "llama" tokenizer
+    (as Gemma 3 sets it: spaces as "▁", no space prefix) would not reproduce."""
+    norm, pre = spec.get("normalizer"), spec.get("pre_tokenizer")
+    parts = (norm or {}).get("normalizers") if (norm or {}).get("type") == "Sequence" else [norm]
+    ok = parts == [None] or all(
+        p.get("type") == "Replace" and p.get("pattern") == {"String": " "} and p.get("content") == "▁"
+        for p in parts)
+    if not ok or pre is not None:
+        what = "adds a space prefix" if "Prepend" in json.dumps(norm) else (
+            f"normalizes text with {norm} and pre-tokenizes with {pre}")
+        raise ExportError(
+            f"this SentencePiece-style tokenizer {what}; GGUF export writes Gemma 3's kind "
+            "(spaces as '▁', no prefix, no pre-tokenizer), so llama.cpp would split this one's "
+            "text differently: export it with --format hf")
+
+
 def _check_expressible(c) -> None:
     if c.arch == "gemma3":
         if c.query_pre_attn_scalar and c.query_pre_attn_scalar != c.head_dim:
@@ -236,6 +349,7 @@ def write_gguf(model, path: str | Path, qtype: str = "auto", force: bool = False
     from pocketlm.compress.qlinear import QuantizedTensor
     from pocketlm.lock import output_lock
     from pocketlm.model.config import rope_inv_freq
+    from pocketlm.model.ggml import GGMLTensor
 
     if qtype not in GGUF_TYPES:
         raise InvalidArgument(f"--type {qtype!r}: choose one of {', '.join(GGUF_TYPES)}")
@@ -286,6 +400,12 @@ def write_gguf(model, path: str | Path, qtype: str = "auto", force: bool = False
                 heads = None
                 if c.arch == "llama" and name.endswith(("attn_q.weight", "attn_k.weight")):
                     heads = c.n_heads if "attn_q" in name else c.n_kv_heads
+                if isinstance(t, GGMLTensor) and qtype == "auto":  # the very blocks: exact
+                    raw, kind = t.blocks.numpy(), T(t.qtype)
+                    if heads:
+                        raw = permute_qk(raw, heads)
+                    w.add_tensor(name, np.ascontiguousarray(raw), raw_dtype=kind)
+                    continue
                 if isinstance(t, QuantizedTensor) and qtype == "auto":
                     raw, kind = _blocks_lossless(t, ours)
                     if heads:  # a permutation of rows: each row's blocks move whole
@@ -333,9 +453,17 @@ def _float_type(qtype: str, quantized: bool, a: np.ndarray, name: str, network):
 
 
 def _file_type(qtype: str, quantized: bool, model) -> int:
+    from collections import Counter
+
     import gguf
 
+    from pocketlm.model.ggml import packed_modules
+
     F = gguf.LlamaFileType
+    packed = Counter(m.type_name for m in packed_modules(model.network))
+    if qtype == "auto" and packed:  # blocks copied as they are: name the commonest type
+        name = packed.most_common(1)[0][0]
+        return getattr(F, f"MOSTLY_{name}", None) or getattr(F, f"MOSTLY_{name}_M", F.MOSTLY_F16)
     if qtype == "auto" and quantized:
         q = model.network.quantization_config
         return {(4, True): F.MOSTLY_Q4_0, (4, False): F.MOSTLY_Q4_1}.get(

@@ -3,14 +3,22 @@
 A folder pocketlm saves is exactly such a folder plus ``card.json``, so transformers loads our
 output and we load theirs. Weights are read from safetensors only: pickled ``.bin`` files can
 run code when loaded, and are refused.
+
+By default (``load(dtype=None)``) a folder's bf16/fp16 matrices stay 16-bit: ``read_16bit``
+memory-maps each safetensors file and hands its rows to ``model/ggml.py`` as F16/BF16 blocks,
+so a bf16 checkpoint takes its file size in memory, not twice that as fp32; norms and biases
+are read as fp32. ``read_state_dict`` (any explicit dtype, pruned or quantized folders) reads
+every tensor as stored.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pocketlm.errors import FormatError, UnsupportedModel
@@ -108,3 +116,76 @@ def save_state_dict(
     tmp = folder / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / "model.safetensors")
+
+
+# -- 16-bit weights kept 16-bit -----------------------------------------------------------------
+# safetensors dtypes we map: 16-bit ones to GGML's F16/BF16 "blocks" (32 raw values, 64 bytes:
+# a row of K 16-bit values is exactly K/32 such blocks), the rest read as fp32.
+_QTYPE_16 = {"F16": 1, "BF16": 30}
+_NUMPY = {"F16": np.float16, "BF16": np.uint16, "F32": np.float32, "F64": np.float64}
+
+
+def _safetensors_map(f: Path) -> tuple[np.memmap, dict, int]:
+    """(memory map, header, offset of the data) of one safetensors file, parsed here so the
+    tensors can be views of the map (safetensors' own loader copies them)."""
+    try:
+        mm = np.memmap(f, mode="r")
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{f} could not be read ({e}); it may be truncated or corrupted") from None
+    try:
+        n = struct.unpack_from("<Q", mm, 0)[0]
+        header = json.loads(bytes(mm[8:8 + n]))
+    except (struct.error, ValueError, UnicodeDecodeError):
+        raise FormatError(f"{f} has no readable safetensors header; it may be truncated or "
+                          "corrupted: download or save it again") from None
+    header.pop("__metadata__", None)
+    return mm, header, 8 + n
+
+
+def read_16bit(folder: Path, config: ModelConfig):
+    """The folder's weights with every bf16/fp16 matrix kept 16-bit, or None when it has none.
+
+    Returns ``(packed, small)``: ``packed`` maps a module name to ``(qtype, N, K, blocks)``,
+    ``blocks`` an (N, 2K) uint8 view of the memory-mapped file (GGML type F16=1 / BF16=30, what
+    ``model/ggml.py`` computes from: nothing is copied); ``small`` holds the norms, biases and
+    any matrix whose width is not whole blocks of 32, as fp32 (Gemma's norms as ``1 + w``).
+    Pruned folders (values + bitmask) return None: they load through ``read_state_dict``.
+    Raises FormatError for a truncated or corrupted file.
+    """
+    maps = [(f, *_safetensors_map(f)) for f in _weight_files(folder)]
+    names = [name for _, _, header, _ in maps for name in header]
+    if any(n.endswith(".bitmask") for n in names):
+        return None
+    packed, small = {}, {}
+    for f, mm, header, base in maps:
+        for name, info in header.items():
+            dtype, shape = info.get("dtype"), list(info.get("shape", []))
+            begin, end = (base + o for o in info.get("data_offsets", (0, 0)))
+            if dtype not in _NUMPY:
+                raise FormatError(f"{f}: tensor {name!r} is stored as {dtype}; pocketlm reads "
+                                  f"{', '.join(_NUMPY)} weights")
+            if end > len(mm) or end - begin != int(np.prod(shape)) * np.dtype(_NUMPY[dtype]).itemsize:
+                raise FormatError(f"{f}: tensor {name!r} runs past the end of the file or has the "
+                                  "wrong size; the file is truncated or corrupted")
+            ours = name.removeprefix("model.")
+            if config.tie_embeddings and ours == "lm_head.weight":
+                continue  # a tied head is the embedding's own blocks
+            raw = mm[begin:end]
+            module, _, kind = ours.rpartition(".")
+            if dtype in _QTYPE_16 and len(shape) == 2 and kind == "weight" and shape[1] % 32 == 0:
+                packed[module] = (_QTYPE_16[dtype], shape[0], shape[1],
+                                  _ggml().blocks_from_numpy(raw, shape[0]))
+                continue
+            arr = raw.view(_NUMPY[dtype]).reshape(shape)
+            t = torch.from_numpy(arr.astype(np.float32) if dtype != "BF16" else arr.copy())
+            t = t.view(torch.bfloat16).float() if dtype == "BF16" else t
+            if config.norm_offset and ours.endswith("norm.weight"):
+                t = t + config.norm_offset  # Gemma: the factor is 1 + w, in fp32 as HF computes
+            small[ours] = t
+    return (packed, small) if packed else None
+
+
+def _ggml():
+    from pocketlm.model import ggml
+
+    return ggml

@@ -277,3 +277,21 @@ def dense_copy(network: nn.Module) -> nn.Module:
         head.weight = tied.weight
         out.lm_head = head
     return out
+
+
+def stored_state_dict(network: nn.Module) -> dict[str, torch.Tensor]:
+    """``float_state_dict`` that keeps F16/BF16 weights in their 16-bit dtype (a view of their
+    bytes, no copy), so saving a model loaded 16-bit (a bf16 Hugging Face folder, an F16 GGUF)
+    writes a folder of the same size and values; block-quantized weights are dequantized to
+    fp32 as in ``float_state_dict``."""
+    state = network.state_dict()
+    for name, module in network.named_modules():
+        if isinstance(module, GGMLTensor):
+            prefix = f"{name}." if name else ""
+            state.pop(prefix + "blocks", None)
+            if module.qtype in _TORCH_16:
+                w = module.blocks.view(_TORCH_16[module.qtype]).view(module.n, module.k)
+            else:
+                w = module.dequantize()
+            state[prefix + "weight"] = w
+    return state
