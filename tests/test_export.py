@@ -3,7 +3,9 @@ GPTQ int4 group-32 codes carried into Q4_0 / Q4_1 blocks without re-rounding."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import subprocess
 from pathlib import Path
 
@@ -250,3 +252,159 @@ def test_real_model_gguf_carries_the_source_vocabulary(real_model, tmp_path):
     assert back.encode(text) == ids
     ref = real_model.logits(ids)
     assert (back.logits(ids) - ref).abs().max().item() < 2e-3 * ref.abs().max().item()
+
+
+# -- Gemma 3: the SentencePiece-style vocabulary ------------------------------------------------
+SPM_TEXTS = ["the cat sat on the mat\n\nthen the hen ate", "  a  thin   tea, é 日本 😀",
+             "<start_of_turn>user\nhi there<end_of_turn>\n", ""]
+
+
+def _spm_metadata() -> dict:
+    """A small Gemma-like vocabulary as GGUF holds it: controls, a user-defined piece, the 256
+    byte pieces, scored pieces (merges rank by the score of the piece they make) and chars."""
+    pieces = ["▁t", "he", "▁the", "in", "▁a", "at", "▁th", "en", "on", "▁s", "er", "an", "▁c",
+              "▁h", "▁m", "ea", "▁te", "▁tea", "hen", "▁hen", "▁then", "▁cat", "▁sat", "▁on"]
+    chars = list("▁abcdefghijklmnopqrstuvwxyz,.\n")
+    controls = ["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
+    tokens = controls + ["\n\n"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + chars
+    types = [3] * len(controls) + [4] + [6] * 256 + [1] * (len(pieces) + len(chars))
+    scores = ([-1000.0] * (len(controls) + 1) + [0.0] * 256
+              + [-float(i) for i in range(len(pieces) + len(chars))])
+    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": "default",
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
+            "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 2,
+            "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.unknown_token_id": 3,
+            "tokenizer.ggml.padding_token_id": 0, "tokenizer.ggml.add_bos_token": True,
+            "tokenizer.ggml.add_space_prefix": False}
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    """A tiny transformers Gemma 3 with the SentencePiece-style vocabulary, as a folder."""
+    import tiny
+    import transformers
+
+    from pocketlm.model.tokenizer import Tokenizer
+
+    meta = _spm_metadata()
+    _, cfg_cls, extra = tiny.HF_ARCHS["gemma3"]
+    config = getattr(transformers, cfg_cls)(
+        **{**tiny._COMMON, **extra, "vocab_size": len(meta["tokenizer.ggml.tokens"]),
+           "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0}, attn_implementation="eager")
+    torch.manual_seed(0)
+    hf = transformers.Gemma3ForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.1)
+    folder = tmp_path_factory.mktemp("gemma_spm")
+    hf.save_pretrained(folder, safe_serialization=True)
+    source = Tokenizer.from_gguf_metadata(meta, source="test vocabulary")
+    source.save(folder)
+    return folder, meta, source
+
+
+def test_gemma_gguf_round_trip_keeps_the_sentencepiece_vocabulary(tiny_gemma, tmp_path):
+    """A Gemma 3 with a SentencePiece-style vocabulary exports to GGUF as llama.cpp's "llama"
+    tokenizer (pieces, scores, token types, special ids) and reads back with the same token
+    ids and logits; exporting that file again writes the very same vocabulary."""
+    import gguf
+
+    from pocketlm.model.tokenizer import Tokenizer
+
+    folder, meta, source = tiny_gemma
+    m = pocketlm.load(folder, dtype=torch.float32)  # a folder: its tokenizer.json has no scores
+    path = write_gguf(m, tmp_path / "g.gguf", "f32")
+    fields = {k: f.contents() for k, f in gguf.GGUFReader(str(path)).fields.items()}
+    for key in ("model", "tokens", "token_type", "bos_token_id", "eos_token_id",
+                "unknown_token_id", "padding_token_id", "add_bos_token", "add_space_prefix"):
+        assert fields[f"tokenizer.ggml.{key}"] == meta[f"tokenizer.ggml.{key}"], key
+    # the scores written rank every merge as the source's scores do, so text splits the same
+    rebuilt = Tokenizer.from_gguf_metadata(fields, source=str(path))
+    assert (json.loads(rebuilt.backend.to_str())["model"]["merges"]
+            == json.loads(source.backend.to_str())["model"]["merges"])
+    back = pocketlm.load(path, dtype=torch.float32)
+    for text in SPM_TEXTS:
+        assert back.encode(text) == m.encode(text) == source.encode(text), text
+    # BOS, t, he, ▁cat, ▁sat, ▁on, ▁the: no space prefix, the best-scored merges first
+    assert source.encode(SPM_TEXTS[0])[:7] == [2, 307, 264, 284, 285, 286, 265]
+    ids = m.encode(SPM_TEXTS[0])
+    assert torch.equal(back.logits(ids), m.logits(ids))
+    again = write_gguf(back, tmp_path / "g2.gguf", "auto")  # F32 tensors: auto keeps them F16
+    fields2 = {k: f.contents() for k, f in gguf.GGUFReader(str(again)).fields.items()}
+    for key in ("tokens", "scores", "token_type", "bos_token_id", "unknown_token_id"):
+        assert fields2[f"tokenizer.ggml.{key}"] == fields[f"tokenizer.ggml.{key}"], key
+
+
+def test_sentencepiece_with_a_space_prefix_is_refused(tiny_gemma, tmp_path):
+    from tokenizers import normalizers
+
+    folder, _, _ = tiny_gemma
+    m = pocketlm.load(folder, dtype=torch.float32)
+    m.tokenizer.backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    with pytest.raises(ExportError, match="adds a space prefix.*--format hf"):
+        write_gguf(m, tmp_path / "p.gguf")
+    assert not (tmp_path / "p.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def real_gemma_export(tmp_path_factory):
+    """gemma-3-270m loaded as it runs (packed Q4_K_M blocks) and exported with --type auto."""
+    from pocketlm.api import resolve
+    from pocketlm.formats import registry
+
+    if not registry.stored_path("gemma-3-270m"):
+        pytest.skip("gemma-3-270m is not pulled (pocketlm pull gemma-3-270m --accept-license)")
+    m = pocketlm.load("gemma-3-270m")
+    path = write_gguf(m, tmp_path_factory.mktemp("gemma") / "gemma.gguf", "auto")
+    return m, Path(resolve("gemma-3-270m")), path
+
+
+@pytest.mark.slow
+def test_real_gemma_exports_its_own_blocks_and_vocabulary(real_gemma_export, golden):
+    """--type auto writes the source's very blocks and its vocabulary (pieces, types, special
+    ids): the file reads back with llama.cpp's ids on every golden text and identical logits."""
+    from pocketlm.formats.gguf import GGUFFile
+
+    m, src_path, path = real_gemma_export
+    src, out = GGUFFile(src_path), GGUFFile(path)
+    assert set(out.tensors) == set(src.tensors)
+    for name, t in src.tensors.items():
+        assert out.tensors[name].tensor_type == t.tensor_type, name
+        assert np.array_equal(out.tensors[name].data, t.data), name
+    for key in ("model", "tokens", "token_type", "bos_token_id", "eos_token_id",
+                "unknown_token_id", "padding_token_id", "add_bos_token", "add_eos_token",
+                "add_space_prefix"):
+        assert out.get(f"tokenizer.ggml.{key}") == src.get(f"tokenizer.ggml.{key}"), key
+    back = pocketlm.load(path)
+    for case in json.loads((golden / "gemma-3-270m.tokens.json").read_text()):
+        assert back.encode(case["text"]) == [2] + case["ids"], case["text"][:40]
+    ids = m.encode("The capital of France is Paris. The capital of Japan is")
+    assert torch.equal(back.logits(ids), m.logits(ids))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (LLAMA_BIN / "llama-perplexity").is_file(),
+                    reason="llama.cpp not built (bash bench/build_llama_cpp.sh)")
+def test_llama_cpp_runs_the_gemma_export_as_the_source(real_gemma_export, shared_data, tmp_path):
+    """llama.cpp tokenizes and scores a WikiText-2 excerpt with our export exactly as with the
+    file it came from: the same token count and the same perplexity after every chunk."""
+    _, src_path, path = real_gemma_export
+    wiki = next((shared_data / "wikitext-2-raw").glob("*test*"), None)
+    text = tmp_path / "t.txt"
+    text.write_text(wiki.read_text()[:3000] if wiki else TEXT)
+
+    def run(model_path):  # every chunk of the text: the chunk count follows the token count
+        r = subprocess.run([str(LLAMA_BIN / "llama-perplexity"), "-m", str(model_path), "-f",
+                            str(text), "-c", "128", "-b", "128", "-t", "1"],
+                           check=False, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out = r.stdout + r.stderr
+        found = [re.search(r"calculating perplexity over \d+ chunks|\[1\][\d.,\[\]]+|"
+                           r"Final estimate: PPL = [\d.]+ \+/- [\d.]+", line)
+                 for line in out.splitlines()]
+        found = [f.group(0) for f in found if f]
+        assert len(found) == 3, out[-1500:]
+        return found
+
+    assert run(path) == run(src_path)
