@@ -188,3 +188,30 @@ def test_cli_refuses_the_draft_before_serving(tiny, tmp_path, capsys, monkeypatc
     assert f"the draft {str(other)!r} does not share the target 'target''s tokenizer" in err
     assert main(["serve", str(target), "--draft", "lookup", "--draft", "self"]) == 2
     assert "--draft was given 2 times for 1 served" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from pocketlm.formats import registry
+
+    if registry.stored_path("smollm2-135m-instruct") is None:
+        pytest.skip("smollm2-135m-instruct is not pulled")
+    import torch
+
+    import pocketlm
+
+    # fp32: with packed Q4_1 blocks the fused decode step and the PyTorch verification pass
+    # differ by up to 0.3 in the logits (other arithmetic), enough to flip a greedy choice
+    return pocketlm.load("smollm2-135m-instruct", dtype=torch.float32)
+
+
+@pytest.mark.slow
+def test_real_model_served_with_lookup_is_the_model_alone(smollm2):
+    msgs = [{"role": "user", "content": "Repeat this list twice: apple, banana, cherry, date."}]
+    want = smollm2.chat(msgs, max_tokens=48, temperature=0)
+    app = create_app({"smollm2": smollm2}, max_batch=2, drafts={"smollm2": "lookup"})
+    with ServerThread(app) as url:
+        r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
+            "model": "smollm2", "messages": msgs, "max_tokens": 48, "temperature": 0}).json()
+    assert r["choices"][0]["message"]["content"] == want
+    assert r["usage"]["speculative"]["accepted"] > 0
