@@ -215,3 +215,11 @@ def test_real_model_served_with_lookup_is_the_model_alone(smollm2):
             "model": "smollm2", "messages": msgs, "max_tokens": 48, "temperature": 0}).json()
     assert r["choices"][0]["message"]["content"] == want
     assert r["usage"]["speculative"]["accepted"] > 0
+
+
+def test_docs_page_documents_the_speculation_fields(server):
+    url, _ = server
+    r = httpx.get(url + "/docs")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    for field in ("speculative", "draft_tokens", "acceptance_rate", "--draft"):
+        assert field in r.text

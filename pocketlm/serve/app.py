@@ -4,7 +4,8 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with
-``stream``), ``GET /health``, ``GET /metrics`` (Prometheus text) and the chat page at ``/``.
+``stream``), ``GET /health``, ``GET /metrics`` (Prometheus text), the chat page at ``/`` and
+the API's documentation at ``/docs`` (``static/docs.html``: fields beyond OpenAI's, drafts).
 Every request's tokens come from the scheduler's one decode loop; the non-streaming reply is
 a fold over the same event stream the streaming reply sends (``serve/generation.py``,
 ``serve/streaming.py``). The routes are ``APIRouter``s in ``serve/routes/`` reading what this
@@ -127,7 +128,8 @@ def create_app(
     return app
 
 
-_ROUTES = {"/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions"}
+_ROUTES = {"/", "/docs", "/health", "/metrics", "/v1/models", "/v1/chat/completions",
+           "/v1/completions"}
 
 
 class _Guard:
@@ -146,7 +148,7 @@ class _Guard:
             return await self.app(scope, receive, send)
         path = scope["path"]
         route = path if path in _ROUTES else "other"
-        public = path == "/health" or path == "/" and scope["method"] == "GET"
+        public = path == "/health" or path in ("/", "/docs") and scope["method"] == "GET"
         if self.api_key and not public:
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):

@@ -25,7 +25,8 @@ unless --log-prompts.
 With --draft, a model's scheduler speculates while it has one request generating (batch 1)
 and decodes batched as usual with several; greedy output is the same token for token. A
 request turns it off with "speculative": false, or sets K with "draft_tokens": K; its usage
-reports {"speculative": {"drafted", "accepted", ...}}."""
+reports {"speculative": {"drafted", "accepted", ...}}. The API, fields beyond OpenAI's
+included, is described at http://127.0.0.1:8000/docs."""
 
 
 def model_id(name: str) -> str:
@@ -189,8 +190,9 @@ def register(sub) -> None:
     p.add_argument(
         "--api-key",
         default=None,
-        help="require 'Authorization: Bearer KEY' on every route but /health and the chat "
-        "page's static HTML at / (the page asks for the key and sends it)",
+        help="require 'Authorization: Bearer KEY' on every route but /health, the API's "
+        "documentation at /docs and the chat page's static HTML at / (the page asks for the "
+        "key and sends it)",
     )
     p.add_argument(
         "--max-batch",

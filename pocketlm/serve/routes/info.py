@@ -1,4 +1,5 @@
-"""Routes that generate nothing: health, Prometheus metrics, the model list, the chat page."""
+"""Routes that generate nothing: health, Prometheus metrics, the model list, the chat page
+and the API's documentation (``/docs``, a static page: no scripts fetched from elsewhere)."""
 
 from __future__ import annotations
 
@@ -44,3 +45,8 @@ async def get_model(name: str, request: Request):
 @router.get("/")
 async def page():
     return FileResponse(STATIC / "index.html", media_type="text/html")
+
+
+@router.get("/docs")
+async def docs():
+    return FileResponse(STATIC / "docs.html", media_type="text/html")
