@@ -40,6 +40,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 DATA = SHARED / "data"
+SHARED_NOTE = ("AMD EPYC with AVX-512 F/BW/VL/VNNI/BF16, no AMX, 2 cores. Quality runs under "
+               "`nice -n 19` on a machine shared with other agents' jobs: wall times are upper "
+               "bounds, and ratios between two jobs run at different times are indicative only.\n")
 MC_TASKS = ["hellaswag", "arc_easy", "piqa"]
 
 # SmolLM2-135M-Instruct's model card (https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct,
@@ -161,6 +164,14 @@ def main() -> None:
     ap.add_argument("--taskfiles", action="store_true",
                     help="compare the shipped task YAMLs (pocketlm, lm-eval, our server) instead")
     ap.add_argument("--taskfile-limit", type=int, default=250, help="items per task file (250)")
+    ap.add_argument("--taskfile-limits", default="",
+                    help="task files: per-task item counts, e.g. gsm8k=250,banking77=60")
+    ap.add_argument("--taskfile-only", default="",
+                    help="task files: run only these (comma-separated); the report uses all")
+    ap.add_argument("--endpoint-limit", type=int, default=0,
+                    help="task files: items through our server (0: the same as the direct run)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="task files: write the figures from the --work stages, run nothing")
     ap.add_argument("--batch-size", type=int, default=8,
                     help="task files: items scored or decoded together, both sides (8)")
     ap.add_argument("--skip-endpoint", action="store_true",
@@ -426,6 +437,18 @@ def peer_items(samples: list[dict], output_type: str) -> dict:
     return by_doc
 
 
+def _limits(a) -> dict[str, int]:
+    """Items per task file: --taskfile-limit, or per task from --taskfile-limits."""
+    out = {name: a.taskfile_limit for name in TASKFILES}
+    for part in filter(None, (a.taskfile_limits or "").split(",")):
+        name, _, n = part.partition("=")
+        if name not in out or not n.isdigit():
+            raise SystemExit(f"--taskfile-limits {part!r}: write TASK=N with TASK one of "
+                             f"{', '.join(TASKFILES)}")
+        out[name] = int(n)
+    return out
+
+
 def taskfile_bench(a, model, model_dir: Path) -> None:
     from serve_util import ServerThread
 
@@ -435,7 +458,9 @@ def taskfile_bench(a, model, model_dir: Path) -> None:
     from pocketlm.serve.app import create_app
 
     work = Path(a.work)
-    stage_file = work / f"taskfile-stages-{a.taskfile_limit}.json"
+    # one stage file for every item count: a stage is "side:task:items", so runs with other
+    # limits (a small smoke, the endpoint's smaller count) add to it instead of replacing it
+    stage_file = work / "taskfile-stages.json"
     stages = json.loads(stage_file.read_text()) if stage_file.is_file() else {}
 
     def save():
@@ -443,56 +468,94 @@ def taskfile_bench(a, model, model_dir: Path) -> None:
         tmp.write_text(json.dumps(stages))
         os.replace(tmp, stage_file)
 
+    if a.report_only:
+        taskfile_report(a, stages)
+        return
     lm = None
-    n = a.taskfile_limit
+    limits = _limits(a)
+    only = set(filter(None, (a.taskfile_only or "").split(","))) or set(TASKFILES)
     for name in TASKFILES:
+        if name not in only:
+            continue
+        n = limits[name]
         src = TASKS_DIR / f"{name}.yaml"
-        if f"ours:{name}" not in stages:
+        if f"ours:{name}:{n}" not in stages:
             t0 = time.perf_counter()
             r = evaluate(model, str(src) if name != "gsm8k" else "gsm8k", limit=n,
                          data_dir=DATA, batch_size=a.batch_size, use_cache=False, details=True,
                          record=False)
             (task_name, m), = r["tasks"].items()
-            stages[f"ours:{name}"] = {"metrics": m, "seconds": time.perf_counter() - t0,
-                                      "predictions": r["items"][task_name]["predictions"]}
+            stages[f"ours:{name}:{n}"] = {"metrics": m, "seconds": time.perf_counter() - t0,
+                                          "predictions": r["items"][task_name]["predictions"],
+                                          "batch_size": a.batch_size}
             save()
-        if not a.skip_peer and f"peer:{name}" not in stages:
+        if not a.skip_peer and f"peer:{name}:{n}" not in stages:
             if lm is None:
                 lm = make_hflm(model_dir, 4096, a.batch_size)  # the scheduler's row length
             peer_name = lm_eval_copy(src, work / "yaml")
             out = run_lm_eval_task_full(lm, work / "yaml", peer_name, n)
-            stages[f"peer:{name}"] = out
+            stages[f"peer:{name}:{n}"] = {**out, "batch_size": a.batch_size}
             stages["peer_version"] = __import__("lm_eval").__version__
             save()
-        if not a.skip_endpoint and f"endpoint:{name}" not in stages:
+        ne = min(n, a.endpoint_limit) if a.endpoint_limit else n
+        if not a.skip_endpoint and f"endpoint:{name}:{ne}" not in stages:
+            if f"ours:{name}:{ne}" not in stages:  # the direct run on the same items
+                t0 = time.perf_counter()
+                r = evaluate(model, str(src) if name != "gsm8k" else "gsm8k", limit=ne,
+                             data_dir=DATA, batch_size=a.batch_size, use_cache=False,
+                             details=True, record=False)
+                (task_name, m), = r["tasks"].items()
+                stages[f"ours:{name}:{ne}"] = {
+                    "metrics": m, "seconds": time.perf_counter() - t0,
+                    "predictions": r["items"][task_name]["predictions"],
+                    "batch_size": a.batch_size}
+                save()
             with ServerThread(create_app({"default": model}, max_batch=a.batch_size,
-                                         max_queue=4 * n)) as url:
+                                         max_queue=4 * ne)) as url:
                 t0 = time.perf_counter()
                 try:
-                    r = evaluate(None, str(src) if name != "gsm8k" else "gsm8k", limit=n,
+                    r = evaluate(None, str(src) if name != "gsm8k" else "gsm8k", limit=ne,
                                  data_dir=DATA, endpoint=EndpointLM(url, "default",
                                                                     concurrency=a.batch_size),
                                  use_cache=False, details=True, record=False)
                     (task_name, m), = r["tasks"].items()
-                    stages[f"endpoint:{name}"] = {
+                    stages[f"endpoint:{name}:{ne}"] = {
                         "metrics": m, "seconds": time.perf_counter() - t0,
-                        "predictions": r["items"][task_name]["predictions"]}
+                        "predictions": r["items"][task_name]["predictions"],
+                        "batch_size": a.batch_size}
                 except Exception as e:  # noqa: BLE001 (record why, keep the other tasks)
-                    stages[f"endpoint:{name}"] = {"error": f"{type(e).__name__}: {e}"}
+                    stages[f"endpoint:{name}:{ne}"] = {"error": f"{type(e).__name__}: {e}"}
             save()
+    taskfile_report(a, stages)
 
+
+def _largest(stages: dict, side: str, name: str, within: int | None = None) -> int | None:
+    """The largest item count with a finished ``side`` stage of task ``name`` (<= within)."""
+    counts = [int(k.rsplit(":", 1)[1]) for k in stages
+              if k.startswith(f"{side}:{name}:") and "error" not in stages[k]]
+    counts = [c for c in counts if within is None or c <= within]
+    return max(counts) if counts else None
+
+
+def taskfile_report(a, stages: dict) -> None:
+    """bench/results/evaluate.json ``taskfiles`` and the BENCHMARKS.md section, from the stages:
+    per task the largest item count both pocketlm and lm-eval finished, and the endpoint's
+    (largest) count compared with the direct run on the same items."""
     figures = {"model": "smollm2-135m-instruct, its Q4_1 GGUF dequantized to an fp32 HF folder "
-                        "(both sides)", "items": n, "threads": __import__("torch").get_num_threads(),
-               "batch_size": a.batch_size, "peer": stages.get("peer_version"), "tasks": {}}
-    rows = []
+                        "(both sides)", "machine_note": SHARED_NOTE,
+               "threads": __import__("torch").get_num_threads(), "batch_size": a.batch_size, "peer": stages.get("peer_version"), "tasks": {}}
+    rows, ep_rows = [], []
     for name in TASKFILES:
-        ours = stages.get(f"ours:{name}")
-        if not ours:
+        n = _largest(stages, "peer", name) if not a.skip_peer else None
+        n = n if n is not None and f"ours:{name}:{n}" in stages else _largest(stages, "ours", name)
+        if n is None:
             continue
+        ours, peer = stages[f"ours:{name}:{n}"], stages.get(f"peer:{name}:{n}")
         m = ours["metrics"]
         keys = list(m["shown"])
-        entry = {"ours": {k: m[k] for k in keys}, "ours_seconds": ours["seconds"], "n": m["n"]}
-        peer = stages.get(f"peer:{name}")
+        bs = ours.get("batch_size", a.batch_size)
+        entry = {"n": m["n"], "batch_size": bs, "ours": {k: m[k] for k in keys},
+                 "ours_seconds": ours["seconds"]}
         if peer:
             pm = peer["results"]
             entry["peer"] = {k: pm.get(k if "," in k else f"{k},none") for k in keys}
@@ -502,41 +565,57 @@ def taskfile_bench(a, model, model_dir: Path) -> None:
                 if entry["peer"][k] is not None}
             by_doc = peer_items(peer["samples"], peer["output_type"])
             same = sum(by_doc.get(i) == p for i, p in enumerate(ours["predictions"]))
+            entry["items_identical"] = same
             entry["items_identical_percent"] = 100 * same / len(ours["predictions"])
-        ep = stages.get(f"endpoint:{name}")
-        if ep:
-            if "error" in ep:
-                entry["endpoint_error"] = ep["error"]
-            else:
-                entry["endpoint"] = {k: ep["metrics"][k] for k in keys}
-                entry["endpoint_seconds"] = ep["seconds"]
-                entry["endpoint_items_identical_percent"] = 100 * sum(
-                    x == y for x, y in zip(ep["predictions"], ours["predictions"])
-                ) / len(ours["predictions"])
         figures["tasks"][name] = entry
         for k in keys:
-            rows.append([name, k, 100 * entry["ours"][k],
+            rows.append([name, m["n"], bs, k, 100 * entry["ours"][k],
                          100 * entry["peer"][k] if peer and entry["peer"][k] is not None else "-",
                          f"{entry.get('items_identical_percent', float('nan')):.1f}",
-                         100 * entry["endpoint"][k] if "endpoint" in entry else
-                         ("unsupported" if "endpoint_error" in entry else "-"),
-                         f"{ours['seconds']:.0f}",
-                         f"{peer['seconds']:.0f}" if peer else "-"])
+                         f"{ours['seconds']:.0f}", f"{peer['seconds']:.0f}" if peer else "-"])
+        ne = _largest(stages, "endpoint", name)
+        ep_err = [stages[k]["error"] for k in stages
+                  if k.startswith(f"endpoint:{name}:") and "error" in stages[k]]
+        if ne is not None and f"ours:{name}:{ne}" in stages:
+            ep, direct = stages[f"endpoint:{name}:{ne}"], stages[f"ours:{name}:{ne}"]
+            same = sum(x == y for x, y in zip(ep["predictions"], direct["predictions"]))
+            entry["endpoint"] = {
+                "n": ne, "metrics": {k: ep["metrics"][k] for k in keys},
+                "direct_metrics": {k: direct["metrics"][k] for k in keys},
+                "seconds": ep["seconds"], "direct_seconds": direct["seconds"],
+                "batch_size": ep.get("batch_size", a.batch_size),
+                "items_identical_percent": 100 * same / len(direct["predictions"])}
+            for k in keys:
+                ep_rows.append([name, ne, entry["endpoint"]["batch_size"], k,
+                                100 * direct["metrics"][k], 100 * ep["metrics"][k],
+                                f"{entry['endpoint']['items_identical_percent']:.1f}",
+                                f"{direct['seconds']:.0f}", f"{ep['seconds']:.0f}"])
+        elif ep_err:
+            entry["endpoint_error"] = ep_err[0]
     print(json.dumps(figures, indent=2))
     if a.no_write:
         return
     merge_results("evaluate", "taskfiles", figures)
-    body = [(f"Task YAMLs shipped in `pocketlm/tasks/`, first {n} items each, default model "
-             f"(fp32), batch {a.batch_size}, {figures['threads']} thread(s); peer: lm-eval "
+    body = [SHARED_NOTE,
+            (f"Task YAMLs shipped in `pocketlm/tasks/` (first N items each), default model "
+             f"(fp32), {figures['threads']} thread(s), batch as listed (both sides); peer: lm-eval "
              f"{figures['peer'] or 'not run'} `hf` backend on the same saved weights and the "
-             "same YAMLs (max_length 4096, as our scheduler's rows); endpoint: the same YAMLs "
-             "through `--endpoint` against `pocketlm serve` started in the bench process.\n"),
-            markdown_table(["task", "metric", "ours %", "lm-eval %", "items identical %",
-                            "via endpoint %", "ours s", "lm-eval s"], rows)]
+             "same YAMLs (max_length 4096, as our scheduler's rows). Predictions compared per "
+             "item: argmax choice (multiple choice) or the generated text (GSM8K).\n"),
+            markdown_table(["task", "N", "batch", "metric", "ours %", "lm-eval %",
+                            "items identical %",
+                            "ours s", "lm-eval s"], rows)]
+    if ep_rows:
+        body += [("\nThe same YAMLs through `--endpoint` against `pocketlm serve` started in "
+                  "the bench process (its `/v1/completions`: with `echo` + `logprobs` for the "
+                  "choices, plain greedy completions with the stop strings for GSM8K; requests in "
+                  "flight = batch), against the direct run on "
+                  "the same first N items:\n"),
+                 markdown_table(["task", "N", "batch", "metric", "direct %", "endpoint %",
+                                 "items identical %", "direct s", "endpoint s"], ep_rows)]
     errs = {k: v["endpoint_error"] for k, v in figures["tasks"].items() if "endpoint_error" in v}
     if errs:
-        body.append("\nThrough our server, log-likelihood tasks need `echo` with `logprobs` on "
-                    "/v1/completions, which `pocketlm serve` does not offer yet: "
+        body.append("\nThrough our server failed: "
                     + "; ".join(f"{k}: {v.splitlines()[0]}" for k, v in errs.items()))
     append_section("Task files vs lm-evaluation-harness (and through our server)", "\n".join(body))
 
