@@ -188,3 +188,23 @@ def test_real_bf16_folder_runs_16_bit_in_half_the_memory(real_bf16):
     prompt = "def fibonacci(n):"
     assert m.generate(prompt, max_tokens=24, temperature=0) == m32.generate(
         prompt, max_tokens=24, temperature=0)
+
+
+def test_sharded_folder_loads_16_bit_and_a_truncated_shard_is_named(tmp_path):
+    from pocketlm.errors import FormatError
+
+    hf = tiny.make_hf_model("qwen2").to(torch.bfloat16)
+    whole = pocketlm.load(tiny.save_hf_folder(hf, tmp_path / "one"))
+    hf.save_pretrained(tmp_path / "shards", safe_serialization=True, max_shard_size="100KB")
+    tiny.make_tokenizer().save(tmp_path / "shards")
+    shards = sorted((tmp_path / "shards").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    m = pocketlm.load(tmp_path / "shards")
+    assert {x.type_name for x in ggml.packed_modules(m.network)} == {"BF16"}
+    ids = m.encode(PROMPT)
+    assert torch.equal(m.logits(ids), whole.logits(ids))
+    del m
+    data = shards[-1].read_bytes()
+    shards[-1].write_bytes(data[: len(data) - 1000])
+    with pytest.raises(FormatError, match=f"{shards[-1].name}.*truncated"):
+        pocketlm.load(tmp_path / "shards")
