@@ -538,7 +538,11 @@ inline __m256i codes32(const uint8_t* blk) {
     if constexpr (TYPE == Q5_0 || TYPE == Q5_1) {
       uint32_t qh;
       std::memcpy(&qh, blk + qs_at - 4, 4);
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+      u = _mm256_mask_add_epi8(u, __mmask32(qh), u, _mm256_set1_epi8(0x10));
+#else
       u = _mm256_or_si256(u, bits_to_0x10(qh));
+#endif
     }
     return u;
   }
@@ -561,7 +565,43 @@ void rows_i8_32(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes
       mins[t] = 0.f;
       for (int k = 0; k < NA; ++k) acc[k][t] = _mm256_setzero_ps();
     }
-    for (int64_t b = 0; b < nb; ++b) {
+    int64_t b = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+    // 512-bit: a pair of blocks an instruction (lanes 0-7 block b, 8-15 block b + 1)
+    __m512 acc2[T];
+    for (int t = 0; t < T; ++t) acc2[t] = _mm512_setzero_ps();
+    const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    for (; b + 2 <= nb; b += 2) {
+      const uint8_t* blk = row + b * BYTES;
+      const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(codes32<TYPE>(blk)),
+                                           codes32<TYPE>(blk + BYTES), 1);
+      const __m512 dw = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_set1_ps(h2f(blk))),
+                                           _mm256_set1_ps(h2f(blk + BYTES)), 1);
+      for (int t = 0; t < T; ++t) {
+        const __m512i xv = _mm512_loadu_si512(a[t].xq + 32 * b);
+        __m512i p;
+        if constexpr (TYPE == Q8_0) {
+          p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_abs_epi8(u),
+                                  _mm512_mask_sub_epi8(xv, _mm512_movepi8_mask(u), _mm512_setzero_si512(), xv));
+        } else if constexpr (TYPE == Q4_0 || TYPE == Q5_0) {
+          p = _mm512_dpbusd_epi32(_mm512_loadu_si512(a[t].corr + 8 * b), u, xv);
+        } else {
+          p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
+        }
+        const __m512 dx = _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(
+            _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(a[t].d + b)))));
+        acc2[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, dx), acc2[t]);
+      }
+      if constexpr (TYPE == Q4_1 || TYPE == Q5_1) {
+        const float m0 = h2f(blk + 2), m1 = h2f(blk + BYTES + 2);
+        for (int t = 0; t < T; ++t) mins[t] += m0 * a[t].dsum[b] + m1 * a[t].dsum[b + 1];
+      }
+    }
+    for (int t = 0; t < T; ++t)
+      acc[0][t] = _mm256_add_ps(acc[0][t], _mm256_add_ps(_mm512_castps512_ps256(acc2[t]),
+                                                         _mm512_extractf32x8_ps(acc2[t], 1)));
+#endif
+    for (; b < nb; ++b) {
       const uint8_t* blk = row + b * BYTES;
       const __m256i u = codes32<TYPE>(blk);
       const __m256 dw = _mm256_set1_ps(h2f(blk));
