@@ -6,16 +6,18 @@
 
 One round, for a sequence whose last token ``t`` is not yet in the target's cache at ``pos``:
 the draft proposes d1..dk; the target runs ``[t, d1..dk]`` at positions pos..pos+k in one
-pass (``forward_at``), giving its distribution after each prefix; d_i is kept while the
-accept/reject rule keeps it, the first rejection is replaced by a token drawn from the
-residual, and when all k survive the target's distribution after dk gives one more token.
+pass (``verify``: the fused C++ step with every token as an entry of one cache row, each weight
+read once for all of them, else ``forward_at``), giving its distribution after each prefix;
+d_i is kept while the accept/reject rule keeps it, the first rejection is replaced by a token
+drawn from the residual, and when all k survive the target's distribution after dk gives one
+more token.
 Rejected entries in the target's cache need no undoing: the next pass overwrites those
 positions before anything reads them (see ``model/transformer.py``).
 
 - Greedy: d_i is kept iff it is the target's argmax there, and the replacement is that
   argmax, so the output is the target's own greedy output token for token (up to float
-  differences between the verification pass and the fused one-token step, which may flip an
-  exact tie).
+  differences between the verification pass and the one-token step, which may flip an exact
+  tie; where both are fused they run the same kernels).
 - Sampling (Leviathan et al. 2023, Chen et al. 2023): d_i ~ q is kept with probability
   min(1, p(d_i)/q(d_i)); on rejection the token is drawn from max(p - q, 0) renormalised.
   p and q are the *processed* distributions (temperature, top-k, min-p, top-p, repetition
@@ -44,6 +46,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from pocketlm.engine import fused
 from pocketlm.engine.generate import (
     SequenceState,
     Token,
@@ -176,6 +179,9 @@ class ModelDraft:
         new = ctx[self.valid :]
         if len(new) == 1:
             logits = decode_step(self.network, self.cache, torch.tensor(new), torch.tensor([self.valid]))[0]
+        elif len(new) <= fused.MAX_ROWS and (
+                got := fused.verify(self.network, self.cache, 0, new, self.valid)) is not None:
+            logits = got[-1]  # a few tokens to catch up on: one fused pass
         else:
             logits = prefill(self.network, self.cache, 0, new, start=self.valid)
         tokens, dists = [], []
@@ -338,6 +344,14 @@ def generate(
         yield speculate_round(target, cache, 0, seq, ctx, draft, ctl, stats)
 
 
+def verify(target: Transformer, cache: KVCache, row: int, ids: list[int], pos: int) -> torch.Tensor:
+    """Logits (T, V) after each of ``ids`` fed at positions pos.. of cache row ``row``: the fused
+    verification pass (about one decode step's cost for up to 8 tokens) where it covers the
+    target, else the PyTorch pass."""
+    logits = fused.verify(target, cache, row, ids, pos)
+    return logits if logits is not None else forward_at(target, cache, row, ids, pos)
+
+
 def speculate_round(
     target: Transformer,
     cache: KVCache,
@@ -375,7 +389,7 @@ def speculate_round(
         ctx.append(tok.id)
         stats.emitted += 1
         return [tok]
-    logits = forward_at(target, cache, row, [ctx[-1]] + drafts, seq.pos)  # (k+1, V)
+    logits = verify(target, cache, row, [ctx[-1]] + drafts, seq.pos)  # (k+1, V)
     stats.verify_s += time.perf_counter() - t1
     start = len(ctx)
     round_tokens, kept = [], 0
