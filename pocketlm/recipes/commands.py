@@ -56,13 +56,12 @@ def cmd_recipe_run(a) -> None:
 
 
 def cmd_export(a) -> None:
-    import torch
-
     from pocketlm.api import load
     from pocketlm.formats.export import export
 
-    # a pocketlm quantized folder keeps its codes either way; a GGUF file is read as fp32
-    m = load(a.model, dtype=torch.float32, threads=a.threads)
+    # loaded as stored (GGUF blocks and 16-bit rows stay packed): `--type auto` copies them
+    # exactly; any other type dequantizes tensor by tensor
+    m = load(a.model, dtype=None, threads=a.threads)
     path = export(m, a.output, a.format, a.type, a.dtype, a.force)
     print(f"wrote {path}")
 
