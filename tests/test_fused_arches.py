@@ -246,3 +246,21 @@ def test_real_model_fused_steps_match_the_pytorch_path(real, fp32_ggml_act):
             assert got is not None
             _close(got, want, f"step {step}")
             token, pos = want.argmax(-1), pos + 1
+
+
+@pytest.mark.parametrize("draft", ["self:3", "lookup"])
+def test_speculative_decoding_verifies_fused_and_keeps_the_targets_greedy_output(
+        tmp_path, monkeypatch, draft):
+    """A packed Gemma (local layers, GGML blocks) speculating: the verification passes run
+    fused, and greedy output is the target's own, token for token."""
+    from pocketlm.engine.speculative import Speculative
+
+    m = pocketlm.load(write_hf_as_gguf(make_hf_model("gemma3"), tmp_path / "g.gguf", Q.Q4_0))
+    prompt = "the cat sat on the mat, the cat sat on the"
+    alone = m.generate(prompt, max_tokens=24, temperature=0)
+    passes, real_verify = [], fused.verify
+    monkeypatch.setattr(fused, "verify", lambda *a: passes.append(real_verify(*a)) or passes[-1])
+    spec = Speculative(m, draft=draft, draft_tokens=4)
+    assert spec.generate(prompt, max_tokens=24, temperature=0) == alone and alone
+    assert passes and all(p is not None for p in passes)
+    assert spec.stats.drafted > 0

@@ -96,15 +96,6 @@ class ModelConfig:
         return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
-    def is_plain_llama(self) -> bool:
-        """No feature beyond LLaMA's (what the fused decode kernel computes)."""
-        return not (
-            self.attn_bias or self.qk_norm or self.post_norms or self.act != "silu"
-            or self.scale_embeddings or self.final_softcap or self.sliding_window
-            or self.attn_scale != self.head_dim**-0.5
-        )
-
-    @property
     def n_params(self) -> int:
         """Parameter count (tied embeddings counted once)."""
         d, h, kv, hd = self.dim, self.n_heads, self.n_kv_heads, self.head_dim
