@@ -21,6 +21,7 @@ import torch
 from tiny import _COMMON, HF_ARCHS, make_hf_model, save_hf_folder, write_hf_as_gguf
 
 import pocketlm
+from pocketlm import kernels
 from pocketlm.engine import fused
 from pocketlm.engine.generate import forward_at
 from pocketlm.model import ggml
@@ -28,6 +29,8 @@ from pocketlm.model.transformer import KVCache
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
+pytestmark = pytest.mark.skipif(not hasattr(kernels.get() or object(), "DecodePlan"),
+                                reason="the C++ kernels cannot be built on this machine")
 GGUF_ARCHS = ["llama", "qwen2", "qwen3", "gemma3"]
 STEPS = 20  # past the tiny Gemma's window of 5 from every prompt length below
 # every GGML type the kernels compute, one after another over a model's linear layers
