@@ -643,6 +643,17 @@ inline void scales_mins_k4(const uint8_t* q, uint8_t sc[8], uint8_t mn[8]) {
   std::memcpy(mn, m, 8);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define POCKETLM_GGML_512 1
+// acc + scale-weighted pair sums of 64 codes (lo: the first 32, hi: the next 32) times 64 int8
+// x, with int16 scales s_lo / s_hi for each half's pairs: one 512-bit maddubs + vpdpwssd.
+inline __m512i k_dot512(__m512i acc, __m256i lo, __m256i hi, const int8_t* x, __m512i sc) {
+  const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  return _mm512_dpwssd_epi32(acc, _mm512_maddubs_epi16(w, _mm512_loadu_si512(x)), sc);
+}
+inline __m512i join16(__m256i a, __m256i b) { return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1); }
+#endif
+
 // y[t * ldy + n] = x_q[t] . W[n] for the K-quants.
 template <int TYPE, int T>
 void rows_i8_k(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes, float* y,
@@ -661,6 +672,10 @@ void rows_i8_k(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes,
       const uint8_t* blk = row + sb * BYTES;
       __m256i isum[T];
       for (int t = 0; t < T; ++t) isum[t] = _mm256_setzero_si256();
+#ifdef POCKETLM_GGML_512
+      __m512i isum2[T];
+      for (int t = 0; t < T; ++t) isum2[t] = _mm512_setzero_si512();
+#endif
       float dd, dmin = 0.f;
       __m128i mins16 = _mm_setzero_si128();
       if constexpr (TYPE == Q4_K || TYPE == Q5_K) {
@@ -681,6 +696,12 @@ void rows_i8_k(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes,
             hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
           }
           const __m256i s0 = _mm256_set1_epi16(sc[2 * c]), s1 = _mm256_set1_epi16(sc[2 * c + 1]);
+#ifdef POCKETLM_GGML_512
+          const __m512i s01 = join16(s0, s1);
+          for (int t = 0; t < T; ++t)
+            isum2[t] = k_dot512(isum2[t], lo, hi, a[t].xq + 256 * sb + 64 * c, s01);
+          continue;
+#endif
           for (int t = 0; t < T; ++t) {
             const int8_t* xp = a[t].xq + 256 * sb + 64 * c;
             const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
@@ -689,6 +710,10 @@ void rows_i8_k(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes,
             isum[t] = dp_s16(isum[t], _mm256_maddubs_epi16(hi, x1), s1);
           }
         }
+#ifdef POCKETLM_GGML_512
+        for (int t = 0; t < T; ++t)
+          isum[t] = _mm256_add_epi32(_mm512_castsi512_si256(isum2[t]), _mm512_extracti64x4_epi64(isum2[t], 1));
+#endif
       } else {  // Q6_K: codes 0..63 (offset 32), a signed scale per 16
         const uint8_t* ql = blk;
         const uint8_t* qhp = blk + 128;
@@ -699,20 +724,36 @@ void rows_i8_k(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes,
           const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * half));
           const __m256i qb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * half + 32));
           const __m256i hq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qhp + 32 * half));
+          __m256i qj[4], sv[4];
           for (int j = 0; j < 4; ++j) {
             const __m256i l4 = (j & 1) ? qb : qa;
             const __m256i lo = (j >> 1) ? _mm256_and_si256(_mm256_srli_epi16(l4, 4), m4) : _mm256_and_si256(l4, m4);
             const __m256i hb = _mm256_and_si256(_mm256_srli_epi16(hq, 2 * j), m2);
-            const __m256i q = _mm256_or_si256(lo, _mm256_slli_epi16(hb, 4));
+            qj[j] = _mm256_or_si256(lo, _mm256_slli_epi16(hb, 4));
             const int s0 = 8 * half + 2 * j;
-            const __m256i sv = _mm256_set_m128i(_mm_set1_epi16(sc[s0 + 1]), _mm_set1_epi16(sc[s0]));
+            sv[j] = _mm256_set_m128i(_mm_set1_epi16(sc[s0 + 1]), _mm_set1_epi16(sc[s0]));
+          }
+#ifdef POCKETLM_GGML_512
+          for (int jp = 0; jp < 4; jp += 2) {  // runs jp, jp + 1: 64 contiguous columns
+            const __m512i s2 = join16(sv[jp], sv[jp + 1]);
+            for (int t = 0; t < T; ++t)
+              isum2[t] = k_dot512(isum2[t], qj[jp], qj[jp + 1], a[t].xq + 256 * sb + 128 * half + 32 * jp, s2);
+          }
+          continue;
+#endif
+          for (int j = 0; j < 4; ++j) {
+            const __m256i q = qj[j];
             for (int t = 0; t < T; ++t) {
               const __m256i xv = _mm256_loadu_si256(
                   reinterpret_cast<const __m256i*>(a[t].xq + 256 * sb + 128 * half + 32 * j));
-              isum[t] = dp_s16(isum[t], _mm256_maddubs_epi16(q, xv), sv);
+              isum[t] = dp_s16(isum[t], _mm256_maddubs_epi16(q, xv), sv[j]);
             }
           }
         }
+#ifdef POCKETLM_GGML_512
+        for (int t = 0; t < T; ++t)
+          isum[t] = _mm256_add_epi32(_mm512_castsi512_si256(isum2[t]), _mm512_extracti64x4_epi64(isum2[t], 1));
+#endif
         // the offset: - 32 * sum_k sc_k * (sum of x_q over sub-block k)
         const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
         for (int t = 0; t < T; ++t) {
