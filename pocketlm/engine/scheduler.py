@@ -13,9 +13,8 @@ Speculative decoding (``draft=``, any kind ``engine/speculative.py`` makes): whe
 sequence is active -- batch 1, where a CPU has compute to spare for checking drafts -- each
 step is one ``speculate_round`` for it in its own cache row (draft, verify, accept/reject,
 the same code as ``pocketlm run --draft``), so greedy output stays the target's token for
-token and sampled output keeps the target's distribution (up to the arithmetic of the
-verification pass against the fused step: equal in fp32; with packed GGUF blocks their logits
-differ by up to ~0.3 today, enough to flip a close greedy choice). With two or more active, they
+token (verification runs through the fused step's own arithmetic: ``fused.verify``) and
+sampled output keeps the target's distribution. With two or more active, they
 decode batched as without a draft (batching already fills the cores; verifying K tokens per
 row would multiply the work). A request may opt out (``Request.speculative``) or set its
 own K; a JSON-constrained request never speculates. The draft's cache follows one sequence:

@@ -19,8 +19,7 @@ is full, 408 when a request runs past ``timeout``.
 Speculative decoding (``drafts``, ``pocketlm serve MODEL --draft DRAFT``): while a model has
 exactly one request generating, its scheduler drafts and verifies (``engine/scheduler.py``);
 with several, they decode batched as without a draft. Greedy output is the same token for
-token (fp32; with packed GGUF blocks the verification pass and the fused step differ a little
-and may flip a close choice), sampled output keeps the target's distribution. A request may send ``"speculative":
+token (verification runs the fused step's arithmetic), sampled output keeps the target's distribution. A request may send ``"speculative":
 false`` (decode plainly) or ``"draft_tokens": K`` (1..64 or "auto"); its ``usage`` says what
 speculation did, ``"speculative": {"draft", "drafted", "accepted", "acceptance_rate",
 "passes"}``, and ``/metrics`` counts drafted and accepted tokens per model.
