@@ -38,6 +38,7 @@ from _common import REPO, SHARED, append_section, markdown_table, merge_results
 PEER_BIN = REPO / ".peer" / "build" / "bin"
 TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 VALID = SHARED / "data" / "wikitext-2-raw" / "wiki.valid.raw"
+DEFAULT = "smollm2-135m-instruct"
 
 
 def _text(pages: int | None) -> str:
@@ -97,23 +98,29 @@ def roundtrip(a) -> dict:
     return out
 
 
+def _run(cmd: list[str]) -> tuple[int, str]:
+    """(exit status, stdout + stderr) of a llama.cpp tool. Its output goes to a file, not a
+    pipe: through capture_output the last log lines (the "Final estimate") were lost."""
+    with tempfile.TemporaryFile("w+") as out:
+        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+        out.seek(0)
+        return rc, out.read()
+
+
 def _perplexity(f: Path, text: Path, a) -> dict:
-    r = subprocess.run([str(PEER_BIN / "llama-perplexity"), "-m", str(f), "-f", str(text), "-c",
-                        str(a.context), "-t", str(a.threads)], capture_output=True, text=True,
-                       check=False)
-    log = r.stdout + r.stderr
+    rc, log = _run([str(PEER_BIN / "llama-perplexity"), "-m", str(f), "-f", str(text), "-c",
+                    str(a.context), "-b", str(a.context), "-t", str(a.threads)])
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", log)
     row = {"file": f.name, "file_bytes": f.stat().st_size,
            "token_perplexity": float(m.group(1)) if m else None}
     if not m:
-        row["error"] = f"exit {r.returncode}: {(log.strip().splitlines() or [''])[-1][-200:]}"
+        row["error"] = f"exit {rc}: {(log.strip().splitlines() or [''])[-1][-200:]}"
     if not a.no_speed:
-        b = subprocess.run([str(PEER_BIN / "llama-bench"), "-m", str(f), "-t", str(a.threads),
-                            "-p", "0", "-n", "32", "-r", "3", "-o", "json"], capture_output=True,
-                           text=True, check=False)
+        rc, log = _run([str(PEER_BIN / "llama-bench"), "-m", str(f), "-t", str(a.threads),
+                        "-p", "0", "-n", "32", "-r", "3", "-o", "json"])
         try:
-            row["decode_tokens_per_s"] = json.loads(b.stdout)[0]["avg_ts"]
-        except (json.JSONDecodeError, IndexError, KeyError):
+            row["decode_tokens_per_s"] = json.loads(log[log.index("["):])[0]["avg_ts"]
+        except (ValueError, IndexError, KeyError):
             row["decode_tokens_per_s"] = None
     return row
 
@@ -133,8 +140,8 @@ def llama(a) -> dict:
     text = work / "wikitext2-test.txt"
     text.write_text(_text(a.pages))
     ours_f16 = write_gguf(model, work / "ours-F16.gguf", "f16", force=True)
-    ours_q41 = write_gguf(quantized_model(a, model), work / "ours-gptq-Q4_1.gguf", "auto",
-                          force=True)
+    ours_q41 = None if a.no_gptq else write_gguf(quantized_model(a, model),
+                                                 work / "ours-gptq-Q4_1.gguf", "auto", force=True)
     # llama.cpp's own F16 of the source: from the GGUF as llama-quantize requantizes it, or
     # from our F16 export for a folder source (llama.cpp's converter needs the HF original)
     base = src if src.suffix == ".gguf" else ours_f16
@@ -145,9 +152,10 @@ def llama(a) -> dict:
         subprocess.run([str(PEER_BIN / "llama-quantize"), "--allow-requantize", str(inp), str(f),
                         qtype], check=True, capture_output=True)
         theirs[qtype] = _perplexity(f, text, a)
-    out = {"context": a.context, "pages": a.pages, "text_file": str(text),
+    out = {"model": a.model, "source_file": str(src), "context": a.context, "pages": a.pages,
+           "threads": a.threads, "text_file": str(text),
            "ours_F16": _perplexity(ours_f16, text, a),
-           "ours_gptq_int4_g32_Q4_1": _perplexity(ours_q41, text, a),
+           **({"ours_gptq_int4_g32_Q4_1": _perplexity(ours_q41, text, a)} if ours_q41 else {}),
            **{f"llama_cpp_{k}": v for k, v in theirs.items()}}
     f16, mine = out["llama_cpp_F16"]["token_perplexity"], out["ours_F16"]["token_perplexity"]
     if f16 and mine:
@@ -158,16 +166,38 @@ def llama(a) -> dict:
 def recipe(a) -> dict:
     from pocketlm.recipes.recipe import parse, run
 
-    r = parse(a.recipe, model=None if a.model == "smollm2-135m-instruct" else a.model)
+    r = parse(a.recipe, overrides=a.set, model=None if a.model == DEFAULT else a.model)
     out_dir = Path(a.work) / f"recipe-{r.name}"
     t0 = time.perf_counter()
     rows = run(r, out_dir)
-    return {"recipe": a.recipe, "run_dir": str(out_dir), "wall_s": time.perf_counter() - t0,
-            "steps": rows}
+    # a resumed run skips finished steps: the whole recipe's time is the sum of the steps' own
+    # times (each step's marker keeps the seconds it took when it ran)
+    return {"recipe": a.recipe, "overrides": a.set, "run_dir": str(out_dir),
+            "wall_s_this_invocation": time.perf_counter() - t0,
+            "wall_s": sum(row.get("seconds") or 0 for row in rows), "steps": rows}
+
+
+SHARED_NOTE = ("AMD EPYC with AVX-512 F/BW/VL/VNNI/BF16, no AMX, 2 cores. The runs were quality "
+               "runs under `nice -n 19` on a machine shared with other agents' jobs: wall times "
+               "and decode speeds are upper/lower bounds, and ratios between two jobs run at "
+               "different times are indicative only.\n")
+
+
+def _llama_table(ll: dict, title: str) -> list[str]:
+    rows = [[k.replace("_", " "), v.get("file_bytes", 0) / 1e6, v.get("token_perplexity"),
+             v.get("decode_tokens_per_s") or "-"] for k, v in ll.items() if isinstance(v, dict)]
+    body = [(f"\n{title} (`llama-perplexity -c {ll['context']}`, WikiText-2 test, "
+             f"{ll['pages'] or 'all'} pages; `llama-bench` decode, {ll.get('threads', 1)} "
+             "thread(s)):\n"),
+            markdown_table(["file", "MB", "token ppl", "decode tok/s"], rows)]
+    if "f16_relative_difference" in ll:
+        body.append(f"\nOur F16 vs llama.cpp's F16: {100 * ll['f16_relative_difference']:+.3f}%"
+                    " (bar: within 0.1%).")
+    return body
 
 
 def section(fig: dict) -> None:
-    body = []
+    body = [SHARED_NOTE]
     rt = fig.get("roundtrip")
     if rt:
         body.append(f"Round trips on {rt['model']}, {rt['tokens']} tokens of WikiText-2 (max |logit "
@@ -179,21 +209,18 @@ def section(fig: dict) -> None:
             ["HF fp32", "transformers", "source", rt["hf_fp32_transformers_vs_source"]],
             ["HF fp32", "pocketlm", "source", rt["hf_fp32_pocketlm_vs_source"]],
             ["HF bf16", "transformers", "source", rt["hf_bf16_transformers_vs_source"]],
+            ["HF bf16", "pocketlm", "source", rt["hf_bf16_pocketlm_vs_source"]],
         ]))
-    ll = fig.get("llama")
-    if ll:
-        rows = [[k.replace("_", " "), v.get("file_bytes", 0) / 1e6, v.get("token_perplexity"),
-                 v.get("decode_tokens_per_s") or "-"] for k, v in ll.items()
-                if isinstance(v, dict)]
-        body.append(f"\nIn llama.cpp (`llama-perplexity -c {ll['context']}`, WikiText-2 test, "
-                    f"{ll['pages'] or 'all'} pages; `llama-bench` decode):\n")
-        body.append(markdown_table(["file", "MB", "token ppl", "decode tok/s"], rows))
-        if "f16_relative_difference" in ll:
-            body.append(f"\nOur F16 vs llama.cpp's F16: {100 * ll['f16_relative_difference']:+.3f}%"
-                        " (bar: within 0.1%).")
+    for key in sorted(k for k in fig if k.startswith("llama")):
+        ll = fig[key]
+        if ll:
+            body += _llama_table(ll, f"In llama.cpp, source {ll.get('model', 'the default model')}")
     rc = fig.get("recipe")
     if rc:
-        body.append(f"\nRecipe `{rc['recipe']}` end to end: {rc['wall_s'] / 60:.1f} min.\n")
+        body.append(f"\nRecipe `{rc['recipe']}` end to end: {rc['wall_s'] / 60:.1f} min (sum of the "
+                    "steps' own wall times)"
+                    + (f", reduced with `--set {' --set '.join(rc['overrides'])}`"
+                       if rc.get("overrides") else "") + ".\n")
         from pocketlm.recipes.recipe import format_summary
 
         body.append("```\n" + format_summary(rc["steps"]) + "\n```")
@@ -203,8 +230,10 @@ def section(fig: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--parts", default="roundtrip,llama,recipe")
-    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--model", default=DEFAULT)
     ap.add_argument("--recipe", default="customer-support")
+    ap.add_argument("--set", action="append", default=[], metavar="STEP.SETTING=VALUE",
+                    help="recipe part: override a step setting (as `pocketlm recipe run --set`)")
     ap.add_argument("--tokens", type=int, default=512, help="tokens for the logit round trips")
     ap.add_argument("--pages", type=int, default=3, help="WikiText-2 test pages (0 = all)")
     ap.add_argument("--context", type=int, default=512)
@@ -213,6 +242,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--work", default=None, help="folder for the exports (kept; default: temp)")
     ap.add_argument("--no-speed", action="store_true", help="no llama-bench decode timing")
+    ap.add_argument("--no-gptq", action="store_true",
+                    help="llama part without our GPTQ Q4_1 (F16 and llama-quantize's files only)")
     ap.add_argument("--no-section", action="store_true", help="do not append to BENCHMARKS.md")
     ap.add_argument("--check", action="store_true",
                     help="a trial of the script: print the figures, save and append nothing")
@@ -224,13 +255,17 @@ def main() -> None:
 
     set_threads(a.threads)
     fig = {}
-    for part in a.parts.split(","):
-        fig[part] = {"roundtrip": roundtrip, "llama": llama, "recipe": recipe}[part](a)
-        if fig[part] and not a.check:
-            merge_results("pipeline", part, fig[part])
-        print(json.dumps({part: fig[part]}, indent=2, default=str))
+    for part in filter(None, a.parts.split(",")):
+        # llama.cpp figures of another source model go beside the default model's
+        key = part if part != "llama" or a.model == DEFAULT else f"llama@{Path(a.model).name}"
+        fig[key] = {"roundtrip": roundtrip, "llama": llama, "recipe": recipe}[part](a)
+        if fig[key] and not a.check:
+            merge_results("pipeline", key, fig[key])
+        print(json.dumps({key: fig[key]}, indent=2, default=str))
     if not (a.no_section or a.check):
-        section(fig)
+        # the section shows every part measured so far (bench/results/pipeline.json)
+        path = REPO / "bench" / "results" / "pipeline.json"
+        section({k: v for k, v in json.loads(path.read_text()).items() if k != "machine"})
 
 
 if __name__ == "__main__":
