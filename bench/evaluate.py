@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/evaluate.py [--limit 300] [--pages 8] [--skip-peer]
     .venv/bin/python bench/evaluate.py --taskfiles [--taskfile-limit 250] [--skip-peer]
+    .venv/bin/python bench/evaluate.py --taskfiles --taskfile-limits gsm8k=250,banking77=40 \
+        --endpoint-limit 5 --batch-size 16     # per-task counts; stages in --work add up
 
 Both sides read the same local files (lm-eval through task configs written to a temporary
 folder: its own prompt templates, HellaSwag preprocessing, WikiText detokenizer and metric

@@ -3,6 +3,8 @@
     python bench/pipeline.py                                  # all three parts, default model
     python bench/pipeline.py --parts roundtrip,llama --pages 0   # whole WikiText-2 test split
     python bench/pipeline.py --parts recipe --recipe customer-support
+    python bench/pipeline.py --parts recipe --set distill.tokens=4096 --set evaluate.limit=3
+    python bench/pipeline.py --parts ''                           # the section from pipeline.json
     python bench/pipeline.py --parts roundtrip --model tiny/ --samples 4 --seq-len 64 --check
 
 - roundtrip: the model quantized with GPTQ int4, groups of 32, asymmetric, then exported. Max
