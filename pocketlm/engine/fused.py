@@ -14,7 +14,7 @@ call is not one the plan covers, and the caller takes the plain PyTorch path:
 - gradients are wanted, or a layer is not a plain fp32 Linear, a packed int8/int4/int3
   QLinear or a GGML one (e.g. LoRA adapters, bf16 weights), or a forward hook is registered
   on any of its modules (a hook must see the activations, which the C++ step never hands back);
-- more than 8 sequences, a non-fp32 cache, or a position beyond the cache.
+- a non-fp32 cache, or a position beyond the cache (more than 8 sequences run 8 at a time).
 ``verify(model, cache, row, ids, start)`` runs several new tokens of one sequence the same way
 (a speculative draft's check), with the same conditions.
 The plan reads the weight tensors it was built from (in-place updates, e.g. an optimizer step,
@@ -180,18 +180,22 @@ def _ready(model: Transformer, cache: KVCache, last_position: int) -> _Plan | No
 def decode(
     model: Transformer, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor
 ) -> torch.Tensor | None:
-    """Logits (B, V) for one new token in each of the first B cache rows, or None (see above)."""
+    """Logits (B, V) for one new token in each of the first B cache rows, or None (see above).
+
+    More than 8 rows go 8 at a time (each pass reads the weights once for its rows): a server's
+    batch of 16 still decodes fused instead of dropping to the PyTorch path.
+    """
     B = tokens.shape[0]
-    if B > MAX_ROWS:
-        return None
     plan = _ready(model, cache, int(positions.max()))
     if plan is None:
         return None
     x = model.embed(tokens.reshape(B))  # Gemma's sqrt(D) scale included
     if x.dtype != torch.float32:
         return None
-    return plan.plan.step(x.contiguous(), positions.reshape(B).to(torch.long), cache.k, cache.v,
-                          torch.arange(B))
+    x, positions, rows = x.contiguous(), positions.reshape(B).to(torch.long), torch.arange(B)
+    out = [plan.plan.step(x[i:i + MAX_ROWS].contiguous(), positions[i:i + MAX_ROWS],
+                          cache.k, cache.v, rows[i:i + MAX_ROWS]) for i in range(0, B, MAX_ROWS)]
+    return out[0] if len(out) == 1 else torch.cat(out)
 
 
 def verify(model: Transformer, cache: KVCache, row: int, ids: list[int], start: int) -> torch.Tensor | None:
