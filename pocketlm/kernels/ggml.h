@@ -6,7 +6,7 @@
 //                                x (T, K) turned into what the type's row kernel reads: for
 //                                the quantized types x rounded to int8 blocks with their
 //                                scales and sums (integer dot products, as llama.cpp), else
-//                                (F16/BF16, or POCKETLM_GGML_FP32_ACT=1) sums of x per 32
+//                                (F16/BF16, or int8 activations off: the default) sums of x per 32
 //                                columns; act records which, so ggml_rows reads it right;
 //                                one thread;
 //   ggml_rows(type, act, x, T, K, w, row_bytes, y, ldy, n0, n1)
