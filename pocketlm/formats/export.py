@@ -205,14 +205,18 @@ def _add_tokenizer(w, tokenizer, vocab_size: int) -> None:
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
+    _add_special(w, tokenizer, vocab.get(model.get("unk_token")))
+
+
+def _add_special(w, tokenizer, unk_id: int | None) -> None:
+    """The fields both vocabulary kinds share: special ids, BOS rule, chat template."""
     if tokenizer.bos_id is not None:
         w.add_bos_token_id(tokenizer.bos_id)
     if tokenizer.eos_id is not None:
         w.add_eos_token_id(tokenizer.eos_id)
+    if unk_id is not None:
+        w.add_unk_token_id(unk_id)
     w.add_add_bos_token(bool(tokenizer.add_bos))
-    unk = model.get("unk_token")
-    if unk is not None and unk in vocab:
-        w.add_unk_token_id(vocab[unk])
     if tokenizer.chat_template:
         w.add_chat_template(tokenizer.chat_template)
 
@@ -279,20 +283,12 @@ def _add_sentencepiece(w, tokenizer, spec: dict, vocab_size: int) -> None:
     w.add_token_list(tokens)
     w.add_token_scores(scores)
     w.add_token_types(types)
-    if tokenizer.bos_id is not None:
-        w.add_bos_token_id(tokenizer.bos_id)
-    if tokenizer.eos_id is not None:
-        w.add_eos_token_id(tokenizer.eos_id)
-    if meta["tokenizer.ggml.unknown_token_id"] is not None:
-        w.add_unk_token_id(meta["tokenizer.ggml.unknown_token_id"])
+    _add_special(w, tokenizer, meta["tokenizer.ggml.unknown_token_id"])
     if "<pad>" in vocab:
         w.add_pad_token_id(vocab["<pad>"])
-    w.add_add_bos_token(bool(tokenizer.add_bos))
     w.add_add_sep_token(False)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(False)
-    if tokenizer.chat_template:
-        w.add_chat_template(tokenizer.chat_template)
 
 
 def _normal_merges(merges: list, types: list[int], vocab: dict) -> list[tuple[str, str]]:
