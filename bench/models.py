@@ -69,25 +69,18 @@ def ppl_text(pages: int) -> str:
 
 
 # -- ours, in a child process ---------------------------------------------------------------
-def own_peak_rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
-
-
 def child_speed(name: str, threads: int, decode_tokens: int, prefill_tokens: int) -> dict:
     """Load, decode, prefill in this fresh process; the figures and this process's peak RSS."""
     import torch
 
     import pocketlm
-    from pocketlm.engine.bench import time_decode, time_prefill, weight_bytes
+    from pocketlm.engine.bench import peak_rss_bytes, time_decode, time_prefill, weight_bytes
     from pocketlm.model.transformer import KVCache
 
     t0 = time.perf_counter()
     m = pocketlm.load(name, threads=threads)
     load_s = time.perf_counter() - t0
-    rss_after_load = own_peak_rss_bytes()
+    rss_after_load = peak_rss_bytes()
     net = m.network
     step = time_decode(net, new_tokens=decode_tokens)
     prefill_s = time_prefill(net, prefill_tokens, repeats=1)
@@ -95,7 +88,7 @@ def child_speed(name: str, threads: int, decode_tokens: int, prefill_tokens: int
     cache_bytes = cache.nbytes
     return {"load_s": load_s, "decode_tokens_per_s": 1 / step,
             "prefill_tokens_per_s": prefill_tokens / prefill_s,
-            "peak_rss_bytes": own_peak_rss_bytes(), "peak_rss_after_load_bytes": rss_after_load,
+            "peak_rss_bytes": peak_rss_bytes(), "peak_rss_after_load_bytes": rss_after_load,
             "kv_cache_bytes": cache_bytes, "weight_bytes_in_memory": weight_bytes(net),
             "threads": torch.get_num_threads()}
 

@@ -104,14 +104,15 @@ def test_each_model_memory_is_measured_on_its_own(tmp_path):
 
     import torch
 
-    from pocketlm.evaluate.report import _measure_isolated, measure_speed_memory, own_peak_rss_bytes
+    from pocketlm.engine.bench import peak_rss_bytes
+    from pocketlm.evaluate.report import _measure_isolated, measure_speed_memory
 
     big = make_tiny_model(seed=0, dim=512, n_heads=8, n_kv_heads=4, hidden_dim=2048,
                           n_layers=4).save(tmp_path / "big")  # ~64 MB of fp32 weights
     small = make_tiny_model(seed=1).save(tmp_path / "small")
     ballast = torch.ones(256 * 2**20)  # 1 GiB, touched: the parent's high-water mark
     parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    assert own_peak_rss_bytes() >= ballast.numel() * 4
+    assert peak_rss_bytes() >= ballast.numel() * 4
     big_row = _measure_isolated(measure_speed_memory, (str(big), 1))
     small_row = _measure_isolated(measure_speed_memory, (str(small), 1))
     assert small_row["weight_bytes"] < big_row["weight_bytes"]

@@ -18,7 +18,20 @@ from pocketlm.model.transformer import KVCache
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """This process's own resident high-water mark.
+
+    ``VmHWM`` belongs to the address space, which ``exec`` replaces, so a spawned child starts
+    from zero; ``ru_maxrss`` survives ``exec`` and carries the forking parent's peak over (a
+    CLI run from a test process that held a real model reported 6 GB for a tiny one), so it is
+    only the fallback where there is no /proc (macOS: bytes there, KiB on Linux).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
 

@@ -33,24 +33,6 @@ def disk_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def own_peak_rss_bytes() -> int:
-    """This process's own resident high-water mark.
-
-    ``VmHWM`` belongs to the address space, which ``exec`` replaces, so a spawned child starts
-    from zero; ``ru_maxrss`` survives ``exec`` and can carry the forking parent's peak over,
-    so it is only the fallback (macOS, no /proc).
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    from pocketlm.engine.bench import peak_rss_bytes
-
-    return peak_rss_bytes()
-
-
 def measure_speed_memory(name: str, threads) -> dict:
     """Load one model and time it, nothing else (run in a fresh child of its own).
 
@@ -58,14 +40,14 @@ def measure_speed_memory(name: str, threads) -> dict:
     batches of logits, which would otherwise set the process's high-water mark.
     """
     from pocketlm.api import load
-    from pocketlm.engine.bench import bench
+    from pocketlm.engine.bench import bench, peak_rss_bytes
 
     m = load(name, threads=threads)
     speed = bench(m.network, prompt_lengths=(128,), new_tokens=32)
     return {"prefill_tokens_per_s": speed["prefill_tokens_per_s"],
             "decode_tokens_per_s": speed["decode_tokens_per_s"],
             "weight_bytes": speed["weight_bytes"], "threads": speed["threads"],
-            "peak_rss_bytes": own_peak_rss_bytes()}
+            "peak_rss_bytes": peak_rss_bytes()}
 
 
 def measure_quality(name: str, tasks: list[str], limit: int, pages: int, context: int,
