@@ -72,6 +72,7 @@ def test_calibrate_choices_and_plot(tmp_path):
     assert r["n"] == 6 and r["points"][0].large_share == 0 and r["points"][-1].large_share == 1
     assert r["points"][-1].quality == pytest.approx(r["large_accuracy"])
     assert r["points"][0].quality == pytest.approx(r["small_accuracy"])
+    assert r["small_s"] > 0 and r["large_s"] > 0  # what each model's scoring cost, for the saving
     path = C.plot({"toy": r["points"]}, str(tmp_path / "c.png"), {"toy": r["large_accuracy"]},
                   {"toy": r["chosen"]})
     from pathlib import Path

@@ -22,6 +22,7 @@ threshold chosen is the one with the smallest share whose quality reaches the ta
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -174,15 +175,22 @@ def plot(curves: dict[str, list[Point]], path: str, large_quality: dict[str, flo
 
 def calibrate_choices(small, large, items, target: float = 0.97) -> dict:
     """Score multiple-choice ``items`` (``evaluate.tasks.Choice``) with both models; returns
-    the curve, the large model's accuracy and the threshold reaching ``target`` x it."""
-    conf, s_ok, l_ok = [], [], []
+    the curve, the large model's accuracy, the threshold reaching ``target`` x it, and the
+    seconds each model spent scoring (``small_s``, ``large_s``): the cascade at the chosen
+    point costs ``small_s + large_share * large_s`` against ``large_s`` for the large alone."""
+    conf, s_ok, l_ok, small_s, large_s = [], [], [], 0.0, 0.0
     for it in items:
+        t0 = time.perf_counter()
         pick, margin = choice_scores(small, it.context, it.choices)
+        t1 = time.perf_counter()
+        large_pick = choice_scores(large, it.context, it.choices)[0]
+        small_s, large_s = small_s + t1 - t0, large_s + time.perf_counter() - t1
         conf.append(margin)
         s_ok.append(float(pick == it.gold))
-        l_ok.append(float(choice_scores(large, it.context, it.choices)[0] == it.gold))
+        l_ok.append(float(large_pick == it.gold))
     points = sweep(conf, s_ok, l_ok)
     large_acc = sum(l_ok) / len(l_ok)
     chosen = pick_threshold(points, target * large_acc)
     return {"points": points, "small_accuracy": sum(s_ok) / len(s_ok), "large_accuracy": large_acc,
-            "chosen": chosen, "target": target, "n": len(items)}
+            "chosen": chosen, "target": target, "n": len(items), "small_s": small_s,
+            "large_s": large_s}

@@ -74,6 +74,9 @@ def _calibrate(small, large, a) -> None:
     print(f"threshold {ch.threshold:.4f} (margin): quality {ch.quality:.3f} "
           f"({ch.quality / r['large_accuracy']:.1%} of the large model's) with "
           f"{ch.large_share:.1%} of items sent to the large model")
+    cascade_s = r["small_s"] + ch.large_share * r["large_s"]
+    print(f"scoring time: cascade ~{cascade_s:.1f} s against {r['large_s']:.1f} s for the large "
+          f"model alone ({1 - cascade_s / max(r['large_s'], 1e-9):.0%} saved)")
     if a.plot:
         C.plot({a.task: r["points"]}, a.plot, {a.task: r["large_accuracy"]}, {a.task: ch})
         print(f"plot: {a.plot}")
