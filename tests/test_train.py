@@ -257,13 +257,15 @@ def test_teacher_cache_round_trip(tmp_path):
         meta={"teacher": "tiny"},
         progress=False,
     )
-    logp, ids = load_cache(path, blocks, {"teacher": "tiny"})
+    cache = load_cache(path, blocks, {"teacher": "tiny"})
+    logp, ids = cache.logprobs, cache.ids
+    assert torch.equal(cache.rows, torch.arange(3))
     assert logp.dtype == torch.float16 and ids.dtype == torch.int32 and ids.shape == (3, 8, 4)
     full = torch.log_softmax(teacher.network(blocks.tokens[:, :-1]), -1)
     top = full.topk(4, -1)
     assert torch.equal(ids.long(), top.indices)
     torch.testing.assert_close(logp.float(), top.values, atol=2e-3, rtol=1e-3)
-    assert path.stat().st_size < 3 * 8 * 4 * 6 + 1024  # fp16 + int32 per entry, small header
+    assert path.stat().st_size < 3 * 8 * 4 * 6 + 3 * 8 + 1024  # fp16 + int32 per entry, rows
     other = Blocks(blocks.tokens.flip(0), blocks.mask)
     assert load_cache(path, other, {"teacher": "tiny"}) is None  # other data: rebuild
     assert load_cache(path, blocks, {"teacher": "other"}) is None

@@ -18,11 +18,12 @@ outside the top-k unpenalised; see BENCHMARKS.md for the two measured side by si
 The distillation loss is ``kd_weight * T^2 * divergence + (1 - kd_weight) * cross-entropy``
 (T^2 keeps gradient scales comparable across temperatures).
 
-The cache holds, for every target position of the packed training rows, the teacher's k
-likeliest token ids (int32) and their log-probabilities (fp16) at T = 1, in one safetensors
-file with the data's fingerprint, the teacher and the tokenizer in its metadata; any
-temperature is applied when it is read, since softmax(z/T) over k tokens equals the
-renormalised exp(log p / T).
+The cache holds, for every target position of the packed training rows the run reads (its
+steps decide which: a short run on a big file reads few), the teacher's k likeliest token
+ids (int32) and their log-probabilities (fp16) at T = 1, in one safetensors file with the
+row indices, and the data's fingerprint, the teacher and the tokenizer in its metadata; a
+longer run extends it with the rows it lacks. Any temperature is applied when it is read,
+since softmax(z/T) over k tokens equals the renormalised exp(log p / T).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +42,7 @@ from torch import nn
 from pocketlm.errors import InvalidArgument, PocketError
 from pocketlm.model.config import ModelConfig
 from pocketlm.train.data import Blocks
+from pocketlm.train.trainer import TrainSettings, _Rows
 
 LOSSES = ("forward", "reverse", "symmetric", "jsd")
 PRESETS = {  # name -> (layers, width, heads, kv heads, SwiGLU width)
@@ -107,6 +110,60 @@ def tokenizer_digest(tokenizer) -> str:
     return hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest()[:16]
 
 
+def rows_used(settings: TrainSettings, blocks: Blocks) -> torch.Tensor:
+    """The sorted row indices (M,) a run with ``settings`` reads from ``blocks``.
+
+    The trainer's rows are a pure function of the step (see ``trainer._Rows``), so a run
+    whose steps draw fewer rows than the data holds reads the first ones of epoch 0's
+    permutation; one that draws at least an epoch reads every row. A resumed run has the
+    same steps (its checkpoint refuses others), hence the same rows.
+    """
+    n = len(blocks)
+    steps = settings.resolve_steps(n, blocks.seq_len)
+    draws = steps * settings.batch_size * settings.grad_accum
+    if draws >= n:
+        return torch.arange(n)
+    return _Rows(n, settings.seed).take(0, draws).sort().values
+
+
+@dataclass
+class TeacherCache:
+    """The teacher's top-k for some rows of the data: ``logprobs`` fp16 and ``ids`` int32
+    (M, L, k) for the sorted row indices ``rows`` (M,)."""
+
+    logprobs: torch.Tensor
+    ids: torch.Tensor
+    rows: torch.Tensor
+
+    def covers(self, rows: torch.Tensor) -> bool:
+        return bool(torch.isin(rows, self.rows).all())
+
+    def lookup(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs, ids) (B, L, k) for data rows (B,); KeyError names rows not cached."""
+        at = torch.searchsorted(self.rows, rows).clamp(max=len(self.rows) - 1)
+        missing = rows[self.rows[at] != rows]
+        if len(missing):
+            raise KeyError(f"teacher cache has no rows {missing.tolist()[:8]}")
+        return self.logprobs[at], self.ids[at]
+
+
+def _read_cache(path: Path, blocks: Blocks, meta: dict | None) -> TeacherCache | None:
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        info, names = f.metadata() or {}, f.keys()
+        wanted = {"fingerprint": blocks.fingerprint(), **_strings(meta)}
+        if any(info.get(a) != b for a, b in wanted.items()) or "rows" not in names:
+            return None  # other data, teacher or k, or a cache from before rows were stored
+        return TeacherCache(f.get_tensor("logprobs"), f.get_tensor("ids"), f.get_tensor("rows"))
+
+
+def _strings(meta: dict | None) -> dict[str, str]:
+    return {a: str(b) for a, b in (meta or {}).items()}
+
+
 @torch.no_grad()
 def build_cache(
     teacher: nn.Module,
@@ -116,58 +173,83 @@ def build_cache(
     batch_size: int = 8,
     meta: dict | None = None,
     progress: bool = True,
+    rows: torch.Tensor | None = None,
 ) -> Path:
-    """Run the teacher once over ``blocks`` and store its top-k log-probs; returns the path.
+    """Run the teacher over ``rows`` of ``blocks`` (default: all) and store its top-k
+    log-probs; returns the path.
 
-    Layout: ``logprobs`` fp16 (N, L, k) and ``ids`` int32 (N, L, k), position j of row i
-    being the teacher's distribution for predicting ``tokens[i, j + 1]``.
+    Layout: ``logprobs`` fp16 (M, L, k) and ``ids`` int32 (M, L, k) for the sorted row
+    indices ``rows`` int64 (M,), position j of cached row m being the teacher's distribution
+    for predicting ``tokens[rows[m], j + 1]``. A cache already at ``path`` for the same data,
+    k and ``meta`` is extended: the teacher runs only on the rows it lacks, and the rows it
+    has are kept (so a cache built for a small budget grows for a larger one, and one built
+    for a large budget serves a smaller one as it is). The file is written to a temporary
+    name and renamed; Ctrl-C during the teacher's pass writes the rows finished so far
+    before stopping, so the next build continues from them. Raises InvalidArgument for a k
+    outside 1..vocab_size.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     if k < 1 or k > teacher.config.vocab_size:
         raise InvalidArgument(f"--top-k must be in 1..{teacher.config.vocab_size}, got {k}")
-    n, L = len(blocks), blocks.seq_len
-    logprobs = torch.empty((n, L, k), dtype=torch.float16)
-    ids = torch.empty((n, L, k), dtype=torch.int32)
+    path, meta = Path(path), {**(meta or {}), "k": k}
+    want = torch.arange(len(blocks)) if rows is None else torch.unique(rows.long())
+    have = _read_cache(path, blocks, meta)
+    todo = want if have is None else want[~torch.isin(want, have.rows)]
+    L = blocks.seq_len
+    logprobs = torch.empty((len(todo), L, k), dtype=torch.float16)
+    ids = torch.empty((len(todo), L, k), dtype=torch.int32)
+    done = 0
     teacher.eval()
-    for i in tqdm(
-        range(0, n, batch_size), desc="teacher top-k cache", unit="batch", disable=not progress
-    ):
-        tok = blocks.tokens[i : i + batch_size, :-1]
-        logp = torch.log_softmax(teacher(tok).float(), dim=-1)  # (b, L, V)
-        top = logp.topk(k, dim=-1)
-        logprobs[i : i + batch_size] = top.values.half()
-        ids[i : i + batch_size] = top.indices.int()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    info = {
-        "fingerprint": blocks.fingerprint(),
-        "k": str(k),
-        **{a: str(b) for a, b in (meta or {}).items()},
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"logprobs": logprobs, "ids": ids}, str(tmp), metadata=info)
-    os.replace(tmp, path)
+    try:
+        for i in tqdm(
+            range(0, len(todo), batch_size),
+            desc="teacher top-k cache",
+            unit="batch",
+            disable=not progress,
+        ):
+            tok = blocks.tokens[todo[i : i + batch_size], :-1]
+            logp = torch.log_softmax(teacher(tok).float(), dim=-1)  # (b, L, V)
+            top = logp.topk(k, dim=-1)
+            logprobs[i : i + batch_size] = top.values.half()
+            ids[i : i + batch_size] = top.indices.int()
+            done = min(len(todo), i + batch_size)
+    finally:  # Ctrl-C or an error keeps the rows already computed
+        if done:
+            _write(path, blocks, meta, have, todo[:done], logprobs[:done], ids[:done])
     return path
 
 
-def load_cache(
-    path: str | Path, blocks: Blocks, meta: dict | None = None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(logprobs, ids) from a cache made for exactly these rows (and metadata), else None."""
-    from safetensors import safe_open
+def _write(path, blocks, meta, have, rows, logprobs, ids) -> None:
+    """Merge new rows into ``have`` (sorted by row) and write atomically."""
+    from safetensors.torch import save_file
 
-    path = Path(path)
-    if not path.is_file():
+    if have is not None:
+        rows = torch.cat([have.rows, rows])
+        logprobs = torch.cat([have.logprobs, logprobs])
+        ids = torch.cat([have.ids, ids])
+    order = rows.argsort()
+    info = {"fingerprint": blocks.fingerprint(), **_strings(meta)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {"logprobs": logprobs[order], "ids": ids[order], "rows": rows[order]}
+    save_file({a: t.contiguous() for a, t in tensors.items()}, str(tmp), metadata=info)
+    os.replace(tmp, path)
+
+
+def load_cache(
+    path: str | Path,
+    blocks: Blocks,
+    meta: dict | None = None,
+    rows: torch.Tensor | None = None,
+) -> TeacherCache | None:
+    """The cache at ``path`` if it was made for these blocks (and metadata) and holds every
+    row in ``rows`` (default: all rows), else None (build_cache then fills in what lacks)."""
+    cache = _read_cache(Path(path), blocks, meta)
+    want = torch.arange(len(blocks)) if rows is None else rows.long()
+    if cache is None or not cache.covers(want):
         return None
-    with safe_open(str(path), framework="pt") as f:
-        info = f.metadata() or {}
-        if info.get("fingerprint") != blocks.fingerprint() or any(
-            info.get(a) != str(b) for a, b in (meta or {}).items()
-        ):
-            return None
-        return f.get_tensor("logprobs"), f.get_tensor("ids")
+    return cache
 
 
 class DistillObjective:
@@ -179,7 +261,7 @@ class DistillObjective:
         kd_weight: float = 0.5,
         temperature: float = 1.0,
         teacher: nn.Module | None = None,
-        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: TeacherCache | None = None,
     ):
         if kind not in LOSSES:
             raise InvalidArgument(f"--loss must be one of {', '.join(LOSSES)}, got {kind!r}")
@@ -203,7 +285,7 @@ class DistillObjective:
         if self.w == 0:
             return ce, {"ce": ce}
         if self.cache is not None:
-            teacher = (self.cache[0][rows], self.cache[1][rows])
+            teacher = self.cache.lookup(rows)
         else:
             with torch.no_grad():
                 teacher = self.teacher(inputs)

@@ -113,8 +113,9 @@ def distill(
 ):
     """Train ``student`` to match ``teacher`` on ``data``; saves the student to ``out``.
 
-    ``top_k`` > 0 reads the teacher from a top-k cache (built once at ``cache_path``, default
-    ``out/teacher_top{k}.safetensors``, and reused while the data and teacher are the same);
+    ``top_k`` > 0 reads the teacher from a top-k cache (built at ``cache_path``, default
+    ``out/teacher_top{k}.safetensors``, for only the rows the run's steps read, reused while
+    the data and teacher are the same and extended when a longer run needs more rows);
     0 runs the teacher on the fly over the full vocabulary. Raises TokenizerMismatch,
     InvalidArgument, and what ``trainer.train`` raises.
     """
@@ -135,13 +136,16 @@ def distill(
             "tokenizer": kd.tokenizer_digest(teacher.tokenizer),
             "k": top_k,
         }
-        cache = kd.load_cache(cache_path, data.train, meta)
+        rows = kd.rows_used(s, data.train)  # a short run on a big file needs few rows
+        cache = kd.load_cache(cache_path, data.train, meta, rows)
         if cache is None:
             if _rank() == 0:
-                kd.build_cache(tnet, data.train, top_k, cache_path, s.batch_size, meta, s.progress)
+                kd.build_cache(
+                    tnet, data.train, top_k, cache_path, s.batch_size, meta, s.progress, rows
+                )
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:
                 torch.distributed.barrier()
-            cache = kd.load_cache(cache_path, data.train, meta)
+            cache = kd.load_cache(cache_path, data.train, meta, rows)
     elif kd_weight > 0:
         extra = 8 * teacher.config.vocab_size  # the teacher's logits and log-softmax per token
     objective = kd.DistillObjective(
