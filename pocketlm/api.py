@@ -170,14 +170,14 @@ class Model:
         folder = Path(folder)
         with output_lock(folder):
             folder.mkdir(parents=True, exist_ok=True)
-            cfg = self.config.to_hf()
-            if getattr(self.network, "quantization_config", None):  # packed weights: see compress/
-                cfg["quantization_config"] = self.network.quantization_config
             # GGUF blocks are saved as fp32, F16/BF16 weights (GGUF or HF) as they are
             from pocketlm.model.ggml import stored_state_dict
 
-            hf_format.save_state_dict(stored_state_dict(self.network), folder,
-                                      self.config.tie_embeddings)
+            dtype = hf_format.save_state_dict(stored_state_dict(self.network), folder,
+                                              self.config.tie_embeddings)
+            cfg = self.config.to_hf(dtype)  # the dtype the weights were written in
+            if getattr(self.network, "quantization_config", None):  # packed weights: see compress/
+                cfg["quantization_config"] = self.network.quantization_config
             self.tokenizer.save(folder)
             self.card.save(folder, self.config)  # card.json and the README.md model card
             tmp = folder / "config.json.tmp"

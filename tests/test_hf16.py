@@ -34,6 +34,16 @@ def case(request, tmp_path_factory):
     return folder, dtype, type_name, pocketlm.load(folder), pocketlm.load(folder, dtype=torch.float32)
 
 
+TORCH_DTYPE = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+
+
+def _stored_dtypes(folder) -> set[str]:
+    """safetensors dtypes of the matrices in ``folder/model.safetensors``."""
+    raw = (folder / "model.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2}
+
+
 def _reference(folder, dtype):
     """transformers' own model of the folder: 16-bit weights upcast, computed in fp32."""
     import transformers
@@ -128,6 +138,10 @@ def test_save_keeps_16_bit_and_loads_back_equal(case, tmp_path):
     kinds = {v["dtype"] for k, v in header.items() if k != "__metadata__" and len(v["shape"]) == 2}
     assert kinds == {type_name}
     assert len(raw) <= (folder / "model.safetensors").stat().st_size * 1.05
+    # config.json says what the matrices are (it said float32), as the source folder did
+    saved_cfg = json.loads((out / "config.json").read_text())
+    assert saved_cfg["torch_dtype"] == saved_cfg["dtype"] == TORCH_DTYPE[type_name]
+    assert json.loads((folder / "config.json").read_text())["dtype"] == TORCH_DTYPE[type_name]
     back = pocketlm.load(out)
     ids = m.encode(PROMPT)
     assert torch.equal(back.logits(ids), m.logits(ids))
@@ -147,6 +161,19 @@ def test_exports_round_trip(case, tmp_path):
     assert torch.equal(g.logits(ids), m.logits(ids))
     h = pocketlm.load(write_hf(m, tmp_path / "hf", "fp32"), dtype=torch.float32)
     assert torch.allclose(h.logits(ids), m.logits(ids), rtol=0, atol=1e-5)
+    for dtype, name in (("bf16", "BF16"), ("fp16", "F16"), ("fp32", "F32")):
+        out = write_hf(m, tmp_path / f"hf-{dtype}", dtype)
+        assert _stored_dtypes(out) == {name}
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["torch_dtype"] == cfg["dtype"] == TORCH_DTYPE[name]
+
+
+def test_float32_save_of_a_16_bit_folder_says_float32(case, tmp_path):
+    _, _, _, _, m32 = case
+    out = m32.save(tmp_path / "fp32")
+    assert _stored_dtypes(out) == {"F32"}
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["torch_dtype"] == cfg["dtype"] == "float32"
 
 
 def test_quantize_works_on_a_16_bit_model(case):

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from pocketlm.errors import InvalidArgument, PocketError, UnsupportedModel
+from pocketlm.formats import huggingface as hf_format
 
 log = logging.getLogger(__name__)
 
@@ -501,8 +502,7 @@ def write_hf(model, folder: str | Path, dtype: str = "bf16", force: bool = False
                 key = ours if ours.startswith("lm_head") else f"model.{ours}"
                 tensors[key] = x.to(HF_DTYPES[dtype]).contiguous()
             save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            cfg = c.to_hf()
-            cfg["torch_dtype"] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype]
+            cfg = c.to_hf(hf_format.torch_dtype(tensors))  # the written weights' dtype
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
             gen = {"bos_token_id": c.bos_token_id, "eos_token_id": c.eos_token_id}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))

@@ -91,10 +91,26 @@ def read_state_dict(folder: Path, config: ModelConfig) -> dict[str, torch.Tensor
     return out
 
 
+def torch_dtype(state: dict[str, torch.Tensor]) -> str:
+    """config.json's ``torch_dtype`` / ``dtype`` for these weights: the float dtype holding the most
+    values ("bfloat16" for bf16 matrices beside fp32 norms), "float32" if none is float.
+
+    transformers' ``from_pretrained(dtype="auto")`` loads in this dtype, so a bf16 folder
+    that says float32 would be loaded at twice its size."""
+    counts: dict[torch.dtype, int] = {}
+    for t in state.values():
+        if t is not None and t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    if not counts:
+        return "float32"
+    return str(max(counts, key=counts.get)).removeprefix("torch.")
+
+
 def save_state_dict(
     state: dict[str, torch.Tensor], folder: Path, tied: bool, norm_offset: float | None = None
-) -> None:
-    """Write model.safetensors with Hugging Face names, atomically (temp file, then rename).
+) -> str:
+    """Write model.safetensors with Hugging Face names, atomically (temp file, then rename);
+    returns the ``torch_dtype`` of what was written (see ``torch_dtype``).
 
     ``norm_offset`` (``ModelConfig.norm_offset``, 1 for Gemma) is taken off every norm weight:
     we hold the factor a norm multiplies by, Gemma's checkpoints hold that factor minus one.
@@ -116,6 +132,7 @@ def save_state_dict(
     tmp = folder / "model.safetensors.tmp"
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     os.replace(tmp, folder / "model.safetensors")
+    return torch_dtype(tensors)
 
 
 # -- 16-bit weights kept 16-bit -----------------------------------------------------------------

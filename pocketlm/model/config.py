@@ -106,7 +106,9 @@ class ModelConfig:
         return self.n_layers * per_layer + emb + d
 
     # -- Hugging Face config.json -------------------------------------------------------
-    def to_hf(self) -> dict:
+    def to_hf(self, dtype: str = "float32") -> dict:
+        """config.json's keys; ``dtype`` is the weights' torch dtype name ("bfloat16"), written
+        as ``torch_dtype`` (transformers 4) and ``dtype`` (transformers 5)."""
         cls, model_type = _HF_ARCH[self.arch]
         out = {
             "architectures": [cls],
@@ -124,7 +126,8 @@ class ModelConfig:
             "tie_word_embeddings": self.tie_embeddings,
             "bos_token_id": self.bos_token_id,
             "eos_token_id": self.eos_token_id,
-            "torch_dtype": "float32",
+            "torch_dtype": dtype,
+            "dtype": dtype,
         }
         if self.rope_scaling:
             out["rope_scaling"] = dict(self.rope_scaling)
