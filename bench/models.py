@@ -69,6 +69,11 @@ def ppl_text(pages: int) -> str:
 
 
 # -- ours, in a child process ---------------------------------------------------------------
+def current_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
 def child_speed(name: str, threads: int, decode_tokens: int, prefill_tokens: int) -> dict:
     """Load, decode, prefill in this fresh process; the figures and this process's peak RSS."""
     import torch
@@ -77,6 +82,7 @@ def child_speed(name: str, threads: int, decode_tokens: int, prefill_tokens: int
     from pocketlm.engine.bench import peak_rss_bytes, time_decode, time_prefill, weight_bytes
     from pocketlm.model.transformer import KVCache
 
+    runtime_rss = current_rss_bytes()  # Python + torch + pocketlm imported, no model yet
     t0 = time.perf_counter()
     m = pocketlm.load(name, threads=threads)
     load_s = time.perf_counter() - t0
@@ -89,6 +95,7 @@ def child_speed(name: str, threads: int, decode_tokens: int, prefill_tokens: int
     return {"load_s": load_s, "decode_tokens_per_s": 1 / step,
             "prefill_tokens_per_s": prefill_tokens / prefill_s,
             "peak_rss_bytes": peak_rss_bytes(), "peak_rss_after_load_bytes": rss_after_load,
+            "runtime_rss_bytes": runtime_rss,
             "kv_cache_bytes": cache_bytes, "weight_bytes_in_memory": weight_bytes(net),
             "threads": torch.get_num_threads()}
 
@@ -289,9 +296,14 @@ def main() -> None:
                "ours_decode_tokens_per_s": median(ours, "decode_tokens_per_s"),
                "ours_prefill_tokens_per_s": median(ours, "prefill_tokens_per_s"),
                "ours_errors": [o["error"] for o in ours if "error" in o]}
+        row["ours_runtime_rss_bytes"] = median(ours, "runtime_rss_bytes")
         if row["ours_peak_rss_bytes"] and row["ours_kv_cache_bytes"] is not None:
             row["ours_rss_over_file_plus_cache"] = (
                 row["ours_peak_rss_bytes"] / (size + row["ours_kv_cache_bytes"]))
+            if row["ours_runtime_rss_bytes"]:  # what the model adds to the bare runtime
+                row["ours_model_rss_over_file_plus_cache"] = (
+                    (row["ours_peak_rss_bytes"] - row["ours_runtime_rss_bytes"])
+                    / (size + row["ours_kv_cache_bytes"]))
         if bw:
             bound = bw * 1e9 / size
             row["bandwidth_bound_decode_tokens_per_s"] = bound
@@ -359,6 +371,7 @@ def report(results: dict, s: dict) -> str:
                      _f(r["ours_peak_rss_bytes"] and r["ours_peak_rss_bytes"] / 2**20, ".0f"),
                      _f(r.get("llama_cpp_peak_rss_bytes") and r["llama_cpp_peak_rss_bytes"] / 2**20, ".0f"),
                      _f(r.get("ours_rss_over_file_plus_cache"), ".2f"),
+                     _f(r.get("ours_model_rss_over_file_plus_cache"), ".2f"),
                      _f(r["ours_decode_tokens_per_s"], ".1f"),
                      _f(r.get("llama_cpp_decode_tokens_per_s"), ".1f"),
                      _f(r.get("ratio_decode_ours_over_llama_cpp"), ".2f"),
@@ -369,6 +382,7 @@ def report(results: dict, s: dict) -> str:
                      _f(r.get("llama_cpp_decode_share_of_bandwidth_bound"), ".0%")])
     speed = markdown_table(["model", "file MiB", "load s ours", "load s llama.cpp",
                             "peak RSS MiB ours", "llama.cpp", "ours RSS / (file + cache)",
+                            "ours (RSS - runtime) / (file + cache)",
                             "decode tok/s ours", "llama.cpp", "ours/llama.cpp",
                             "prefill tok/s ours", "llama.cpp", "ours/llama.cpp",
                             "decode / bandwidth bound ours", "llama.cpp"], rows)
