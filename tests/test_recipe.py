@@ -32,6 +32,41 @@ def test_shipped_recipes_validate(path):
     assert {s.kind for s in recipe.steps} <= set(STEPS)
 
 
+DOMAIN_RECIPES = ("customer-support", "quick")  # the recipes that specialise on bitext
+
+
+@pytest.mark.parametrize("name", DOMAIN_RECIPES)
+def test_domain_recipes_evaluate_on_the_domain_task(name, shared_data):
+    from pocketlm.evaluate.taskfile import load_taskfile
+    from pocketlm.recipes.recipe import resolved_settings
+
+    recipe = parse(name)
+    measured = [s for s in recipe.steps if s.kind in ("evaluate", "report")]
+    assert [s.kind for s in measured].count("evaluate") >= 2  # before and after
+    for step in measured:
+        tasks = resolved_settings(recipe, step)["tasks"].split(",")
+        files = [t for t in tasks if t.endswith(".yaml")]
+        assert len(files) == 1 and len(tasks) >= 2, step  # the domain task beside general ones
+        task = load_taskfile(files[0], shared_data, limit=1)  # resolves, and its data is there
+        assert task.name == "bitext_intent" and len(task.requests[0].continuations) == 27
+    if name == "customer-support":
+        assert measured[-1].kind == "report"  # its table has the domain column (see below)
+
+
+def test_task_files_are_checked_before_anything_runs(tmp_path):
+    head = "steps:\n  - load: {model: smollm2-135m-instruct}\n"
+    msg = _bad(tmp_path, head + "  - evaluate: {tasks: \"wikitext2,nowhere.yaml\"}\n")
+    assert "line 3" in msg and "no task file at" in msg and str(tmp_path / "nowhere.yaml") in msg
+    msg = _bad(tmp_path, head + "  - report: {tasks: wikitxt2}\n")
+    assert "line 3" in msg and "report.tasks" in msg and "unknown task(s) ['wikitxt2']" in msg
+    (tmp_path / "t.yaml").write_text(
+        "task: t\ndataset_path: csv\ndataset_kwargs: {data_files: {test: missing.csv}}\n"
+        "output_type: multiple_choice\ntest_split: test\ndoc_to_text: x\ndoc_to_target: y\n"
+        "doc_to_choice: [a, b]\n")
+    msg = _bad(tmp_path, head + "  - evaluate: {tasks: t.yaml}\n")
+    assert "line 3" in msg and "no file 'missing.csv'" in msg
+
+
 def _bad(tmp_path, body: str) -> str:
     f = tmp_path / "bad.yaml"
     f.write_text(body)
@@ -76,6 +111,10 @@ def test_quick_recipe_end_to_end_on_a_tiny_model(tiny_folder, tmp_path, capsys):
     assert "bitext_customer_support_4514.csv" in readme and "sha256" in readme  # data, hashed
     quality = rows[4]["quality"]["wikitext2"]["word_perplexity"]
     assert quality == card["metrics"]["wikitext2"]["word_perplexity"]
+    for row in (rows[1], rows[4]):  # both evaluations measured the domain too
+        assert 0 <= row["quality"]["bitext_intent"]["acc_norm"] <= 1
+    assert card["metrics"]["bitext_intent"]["n"] == 1
+    assert "bitext_intent" in (out / "04-quantize" / "README.md").read_text()
     assert (out / "summary.md").is_file() and rows[3]["size_mb"] < rows[2]["size_mb"]
 
     # nothing changed: every step is skipped
@@ -127,3 +166,18 @@ def test_second_run_on_one_folder_is_refused(tiny_folder, tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_report_step_shows_the_domain_task(tiny_folder, tmp_path):
+    recipe_file = tmp_path / "r.yaml"
+    task = SHIPPED.parent / "tasks" / "bitext_intent.yaml"
+    recipe_file.write_text(
+        "steps:\n  - load: {model: smollm2-135m-instruct}\n"
+        f"  - report: {{tasks: \"wikitext2,{task}\", limit: 1, pages: 1, context: 128}}\n")
+    rows = run(parse(recipe_file, model=str(tiny_folder)), tmp_path / "run")
+    assert [r["status"] for r in rows] == ["source", "ran"]
+    md = (tmp_path / "run" / "02-report" / "report.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| model"))
+    assert "| bitext_intent acc_norm % |" in header
+    (model,) = json.loads((tmp_path / "run" / "02-report" / "report.json").read_text())["models"]
+    assert model["quality"][str(task)]["n"] == 1

@@ -66,7 +66,8 @@ def measure_quality(name: str, tasks: list[str], limit: int, pages: int, context
     for t in tasks:
         r = evaluate(m, t, limit=pages if t == "wikitext2" else limit, context=context,
                      batch_size=batch_size, data_dir=data_dir, progress=False, record=False)
-        quality[t] = {k: v for k, v in r["tasks"][t].items() if isinstance(v, (int, float))}
+        (metrics,) = r["tasks"].values()  # a task file's results are under its task: name
+        quality[t] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     row["quality"] = quality
     energy = measure_generation(m.network, new_tokens=32, grid_g_per_kwh=grid)
     row["joules_per_token"] = energy["joules_per_token"]
@@ -190,11 +191,16 @@ def plot(rows: list[dict], x_key: str, x_label: str, x_better: str, path: Path, 
     os.replace(tmp, path)
 
 
+def _task_label(t: str) -> str:
+    """A task's column name: a task file (path/to/bitext_intent.yaml) by its file's stem."""
+    return Path(t).stem if t.endswith((".yaml", ".yml")) else t
+
+
 def _table(rows: list[dict], tasks: list[str]) -> tuple[list[str], list[list[str]]]:
     header = ["model", "size on disk (MB)", "params (M)"]
     for t in tasks:
         header.append("WikiText-2 word ppl ↓" if t == "wikitext2" else
-                      "LAMBADA acc %" if t == "lambada" else f"{t} acc_norm %")
+                      "LAMBADA acc %" if t == "lambada" else f"{_task_label(t)} acc_norm %")
     header += ["prefill tok/s", "decode tok/s", "peak RSS (MiB)", "J/token", "g CO2/1k tok"]
     out = []
     for r in rows:
@@ -232,12 +238,16 @@ def report(
     InvalidArgument (unknown task), ModelNotFound, DataMissing, or PocketError naming the
     model whose measurement failed.
     """
+    from pocketlm.evaluate import custom
     from pocketlm.evaluate.energy import WORLD_GRID_G_PER_KWH
     from pocketlm.evaluate.tasks import parse_tasks, task_paths
 
     names = parse_tasks(tasks)
-    for t in names:
-        task_paths(t, data_dir)  # missing data fails before any model loads
+    for t in names:  # missing data or a bad task file fails before any model loads
+        if not custom.is_custom(t):
+            task_paths(t, data_dir)
+        elif not t.startswith("ppl:"):
+            custom.load(t, data_dir, False, None, 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [measure_model(m, names, limit, pages, context, batch_size, data_dir,

@@ -161,6 +161,9 @@ STEPS = {s.name: s for s in [
 ]}
 PATH_SETTINGS = {"data", "eval_data", "calibration", "data_dir", "path"}
 MODEL_SETTINGS = {"model", "teacher"}
+# evaluate's and report's ``tasks``: built-in names, and task files (*.yaml) read, like the
+# paths above, from the recipe's folder (a shipped recipe names ../tasks/bitext_intent.yaml)
+TASK_FILE_SUFFIXES = (".yaml", ".yml")
 
 
 def _type_name(t) -> str:
@@ -349,6 +352,62 @@ def check(recipe: Recipe) -> None:
                 raise RecipeError(f"{where} line {s.lines.get(key) or s.line}: {s.kind}.{key}: "
                                   f"{v!r} is neither a known model (pocketlm list --known) nor "
                                   f"a file or folder ({resolve_path(recipe, v)})")
+        if s.settings.get("tasks") is not None:
+            _check_tasks(recipe, s, f"{where} line {s.lines.get('tasks') or s.line}")
+
+
+def _task_names(tasks) -> list[str]:
+    names = tasks.split(",") if isinstance(tasks, str) else [str(t) for t in tasks]
+    return [n.strip() for n in names if n.strip()]
+
+
+def _task_files(recipe: Recipe, step: Step) -> list[Path]:
+    """The task files a step's ``tasks`` names, resolved from the recipe's folder."""
+    return [resolve_path(recipe, n) for n in _task_names(step.settings.get("tasks") or [])
+            if n.endswith(TASK_FILE_SUFFIXES)]
+
+
+def _task_data(recipe: Recipe, step: Step, path: Path) -> list[Path]:
+    """The data files a task file reads, found as ``load_taskfile`` finds them (beside the
+    YAML, else in the step's data_dir or pocketlm's data folder); TaskFileError if absent."""
+    from pocketlm.evaluate.taskfile import TaskFileError, parse_config
+    from pocketlm.evaluate.tasks import default_data_dir
+
+    cfg, _ = parse_config(path, bool(step.settings.get("trust_task_code")))
+    ddir = step.settings.get("data_dir")
+    ddir = resolve_path(recipe, ddir) if ddir else default_data_dir()
+    files = cfg["dataset_kwargs"]["data_files"]
+    files = files.values() if isinstance(files, dict) else [files]
+    out = []
+    for f in (x for v in files for x in _as_list(v)):
+        found = [c for c in (path.parent / f, ddir / f) if c.is_file()]
+        if not found:
+            raise TaskFileError(f"{path}: data_files: no file {f!r} (looked in {path.parent} "
+                                f"and {ddir})")
+        out.append(found[0])
+    return out
+
+
+def _check_tasks(recipe: Recipe, step: Step, at: str) -> None:
+    """Built-in task names known, task files present and valid, their data files present."""
+    from pocketlm.errors import InvalidArgument
+    from pocketlm.evaluate.tasks import parse_tasks
+
+    builtin = [n for n in _task_names(step.settings["tasks"])
+               if not n.endswith(TASK_FILE_SUFFIXES)]
+    try:
+        if builtin:
+            parse_tasks(builtin)
+    except InvalidArgument as e:
+        raise RecipeError(f"{at}: {step.kind}.tasks: {e}") from None
+    for path in _task_files(recipe, step):
+        if not path.is_file():
+            raise RecipeError(f"{at}: {step.kind}.tasks: no task file at {path} (task files "
+                              "are read from the recipe's folder)")
+        try:
+            _task_data(recipe, step, path)
+        except PocketError as e:
+            raise RecipeError(f"{at}: {step.kind}.tasks: {e}") from None
 
 
 def _as_list(v) -> list:
@@ -392,6 +451,10 @@ def resolved_settings(recipe: Recipe, step: Step) -> dict:
                 resolve_path(recipe, v))
         elif k == "path" or k in MODEL_SETTINGS and v is not None and not _is_model_name(v):
             v = str(resolve_path(recipe, v))
+        elif k == "tasks" and v is not None:  # task files: absolute, the rest as written
+            names = [str(resolve_path(recipe, n)) if n.endswith(TASK_FILE_SUFFIXES) else n
+                     for n in _task_names(v)]
+            v = ",".join(names) if isinstance(v, str) else names
         out[k] = v
     return out
 
@@ -405,6 +468,10 @@ def step_key(recipe: Recipe, step: Step, previous: str) -> str:
     for k in (PATH_SETTINGS - {"path", "data_dir"}) & set(settings):
         for f in _as_list(settings[k] or []):
             files[f] = _sha256(Path(f))
+    for task in _task_files(recipe, step):  # a changed task file (or its data) re-runs
+        files[str(task)] = _sha256(task)
+        for f in _task_data(recipe, step, task):
+            files[str(f)] = _sha256(f)
     for k in MODEL_SETTINGS & set(settings):
         v = settings[k]
         if v is None:
