@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-cli, llama-bench, llama-perplexity, llama-server and llama-quantize, the
-# peer the bench scripts (engine.py, compress.py, quant_speed.py, models.py) run side by side
-# with ours.
+# Build llama.cpp's llama-cli, llama-bench, llama-perplexity, llama-server, llama-quantize and
+# llama-speculative, the peer the bench scripts (engine.py, compress.py, quant_speed.py,
+# models.py, serve.py, hybrid.py) run side by side with ours.
 #
 #     bash bench/build_llama_cpp.sh          # ~10-15 min per build on 2 cores; needs cmake, gcc/g++, pip
 #     JOBS=1 nice -n 19 bash bench/build_llama_cpp.sh   # beside a running benchmark
@@ -23,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 version="${LLAMA_CPP_PYTHON:-0.3.36}"
 pip="${PIP:-.venv/bin/pip}"
-targets=(llama-cli llama-bench llama-perplexity llama-server llama-quantize)
+targets=(llama-cli llama-bench llama-perplexity llama-server llama-quantize llama-speculative)
 mkdir -p .peer
 if [ ! -d ".peer/src/vendor/llama.cpp" ]; then
     "$pip" download --no-deps --no-binary :all: --dest .peer "llama-cpp-python==${version}"

@@ -84,12 +84,34 @@ def speculative(a) -> dict:
 
 
 def llama_speculative(binary: Path, target: str, draft: str, prompt: str, n: int) -> dict:
-    """llama.cpp's llama-speculative, K=8 greedy: its own summary lines, kept verbatim."""
+    """llama.cpp's llama-speculative (K=8, greedy) against llama-bench decoding the target alone
+    (``-n n``, same threads): both speeds, their ratio, the acceptance, and the summary lines."""
+    import json
+    import re
+
     cmd = [str(binary), "-m", target, "-md", draft, "-p", prompt, "-n", str(n), "--draft-max", "8",
            "--temp", "0", "-t", "2", "-td", "2"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, check=False)
-    lines = [ln for ln in p.stderr.splitlines() if "accept" in ln or "decoded" in ln or "speed" in ln]
-    return {"cmd": " ".join(cmd), "returncode": p.returncode, "summary": lines[-8:]}
+    text = p.stdout + p.stderr
+    lines = [ln for ln in text.splitlines() if "accept" in ln or "decoded" in ln or "speed" in ln]
+    out = {"cmd": " ".join(cmd), "returncode": p.returncode, "summary": lines[-8:]}
+    speed = re.findall(r"decoded\s+\d+\s+tokens in\s+[\d.]+\s+seconds, speed:\s+([\d.]+) t/s", text)
+    accept = re.findall(r"accept\s*=\s*([\d.]+)%", text)
+    if speed:
+        out["speculative_tokens_per_s"] = float(speed[-1])
+    if accept:
+        out["acceptance_rate"] = float(accept[-1]) / 100
+    bench = llama_bin("llama-bench")
+    if bench:
+        b = subprocess.run([str(bench), "-m", target, "-t", "2", "-p", "0", "-n", str(n), "-r", "1",
+                            "-o", "json"], capture_output=True, text=True, timeout=1800, check=False)
+        try:
+            out["target_tokens_per_s"] = float(json.loads(b.stdout)[0]["avg_ts"])
+        except (ValueError, KeyError, IndexError):
+            out["target_error"] = b.stderr[-500:]
+    if "speculative_tokens_per_s" in out and "target_tokens_per_s" in out:
+        out["speed_up"] = out["speculative_tokens_per_s"] / out["target_tokens_per_s"]
+    return out
 
 
 def router(a) -> dict:
@@ -180,6 +202,11 @@ def main() -> None:
     if a.part == "speculative":
         rows = [[r["draft_model"], r["prompt_set"], r["target_tokens_per_s"], r["speculative_tokens_per_s"],
                  r["speed_up"], r["acceptance_rate"], r["tokens_per_pass"], r["identical"]] for r in figures["runs"]]
+        peer = figures.get("peer") or {}
+        if "speed_up" in peer:  # llama-speculative on the first coding prompt, K=8
+            rows.append(["llama.cpp llama-speculative (K=8)", "coding[0]", peer["target_tokens_per_s"],
+                         peer["speculative_tokens_per_s"], peer["speed_up"], peer.get("acceptance_rate"),
+                         "-", "-"])
         body = markdown_table(["draft", "prompts", "target tok/s", "spec tok/s", "speed-up", "acceptance",
                                "tok/pass", "identical"], rows)
     elif a.part == "router":
