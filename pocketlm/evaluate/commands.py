@@ -39,8 +39,10 @@ def results_table(results: dict) -> str:
             lines.append(f"{'':{w}s} skipped {m['skipped']} malformed row(s); "
                          f"first: {m['first_skipped']}")
     s = results["settings"]
+    subset = (f"sample {s['sample']} spread over each split" if s.get("sample") else
+              f"limit {s['limit'] or 'none'}")
     lines.append(f"(context {s['context']} tokens, WikiText stride {s['stride']}, "
-                 f"limit {s['limit'] or 'none'}, {s['threads']} threads, {s['dtype']})")
+                 f"{subset}, {s['threads']} threads, {s['dtype']})")
     return "\n".join(lines)
 
 
@@ -53,6 +55,17 @@ def write_json(path: str | Path, data: dict) -> Path:
     return path
 
 
+def check_subset(a: argparse.Namespace) -> None:
+    """--limit and --sample choose the items two different ways: refuse both, before a load."""
+    from pocketlm.errors import InvalidArgument
+
+    if a.limit is not None and a.sample is not None:
+        raise InvalidArgument(
+            f"--limit {a.limit} and --sample {a.sample}: give one. --limit N scores the first N "
+            "items (lm-eval's --limit, to compare item for item); --sample N scores N items "
+            "spread over the whole split (for data sorted by label, e.g. Bitext, Banking77)")
+
+
 def cmd_eval(a: argparse.Namespace) -> None:
     from pocketlm.api import resolve
     from pocketlm.cli import load_from_args
@@ -63,11 +76,12 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from pocketlm.evaluate.tasks import parse_tasks
     from pocketlm.formats import huggingface as hf_format
 
+    check_subset(a)
     names = parse_tasks(a.tasks)  # an unknown task or a bad task file fails before the load
     for n in names:
         if is_custom(n) and n.endswith((".yaml", ".yml")):
             parse_config(n, a.trust_task_code)
-    kw = {"limit": a.limit, "batch_size": a.batch_size, "context": a.context,
+    kw = {"limit": a.limit, "sample": a.sample, "batch_size": a.batch_size, "context": a.context,
           "stride": a.stride, "data_dir": a.data_dir, "cache_dir": a.cache_dir,
           "use_cache": not a.no_cache, "progress": True, "trust_task_code": a.trust_task_code,
           "num_fewshot": a.num_fewshot}
@@ -114,19 +128,27 @@ def cmd_energy(a: argparse.Namespace) -> None:
 def cmd_report(a: argparse.Namespace) -> None:
     from pocketlm.evaluate.report import report
 
-    out = report(a.models, a.output, tasks=a.tasks, limit=a.limit, pages=a.pages,
-                 context=a.context,
-                 batch_size=a.batch_size, data_dir=a.data_dir, grid_g_per_kwh=a.grid_intensity,
-                 threads=a.threads)
+    check_subset(a)
+    out = report(a.models, a.output, tasks=a.tasks, limit=a.limit, sample=a.sample,
+                 pages=a.pages, context=a.context, batch_size=a.batch_size, data_dir=a.data_dir,
+                 grid_g_per_kwh=a.grid_intensity, threads=a.threads)
     print(f"wrote {out / 'report.md'}, {out / 'report.html'} and the plots in {out}")
 
 
-def _add_eval_options(p: argparse.ArgumentParser, tasks_default: str) -> None:
+def _add_eval_options(p: argparse.ArgumentParser, tasks_default: str,
+                      limit_default: str = "all items") -> None:
     p.add_argument("--tasks", default=tasks_default,
                    help=f"comma-separated tasks, or 'all' ({tasks_default}); also gsm8k, "
                         "task files (FILE.yaml) and ppl:FILE")
-    p.add_argument("--limit", type=int, default=None,
-                   help="only the first N items of each task (pages for wikitext2)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="the first N items of each task (pages for wikitext2), as lm-eval's "
+                        "--limit: use it to compare item for item with lm-eval, on data in no "
+                        f"particular order (default: {limit_default})")
+    p.add_argument("--sample", type=int, default=None, metavar="N",
+                   help="N items spread evenly over each task's split (items k*size/N, no "
+                        "seed: the same N gives the same items): use it for data sorted by "
+                        "label, such as the Bitext and Banking77 task files, whose first N "
+                        "items may all have one answer. Not with --limit")
     p.add_argument("--batch-size", type=int, default=8,
                    help="items scored together; each item's context still runs once (8)")
     p.add_argument("--context", type=int, default=1024,
@@ -157,8 +179,15 @@ def register(sub) -> None:
                "--tasks hellaswag,arc_easy --limit 300 -o results.json\n"
                "  pocketlm eval smollm2-135m-instruct --tasks gsm8k --limit 250\n"
                "  pocketlm eval ./my-finetune --tasks pocketlm/tasks/banking77.yaml,ppl:notes.txt\n"
+               "  pocketlm eval ./my-finetune --tasks pocketlm/tasks/bitext_intent.yaml "
+               "--sample 100\n"
                "  pocketlm eval --endpoint http://127.0.0.1:8000 --model smollm2-135m-instruct "
                "--tasks gsm8k --limit 50\n\n"
+               "--limit or --sample: --limit N keeps the first N items, as lm-eval's --limit\n"
+               "does (the way to compare with lm-eval item for item); --sample N keeps N spread\n"
+               "evenly over the split. Use --sample on data sorted by label: the first 100 rows\n"
+               "of the Bitext file are all cancel_order, so with --limit 100 a model that always\n"
+               "answers cancel_order scores 100%.\n\n"
                "A task file field pocketlm does not support is refused by name; '!function' "
                "hooks (Python code in the task's folder) need --trust-task-code.")
     p.add_argument("model", nargs="?", default=None,
@@ -211,8 +240,8 @@ def register(sub) -> None:
                     "Pareto plots (quality vs size, quality vs decode speed) into a folder.")
     p.add_argument("models", nargs="+", help="model names, .gguf files or model folders")
     p.add_argument("-o", "--output", default="report", help="output folder (report/)")
-    _add_eval_options(p, "wikitext2,hellaswag,arc_easy,piqa")
-    p.set_defaults(limit=200)
+    _add_eval_options(p, "wikitext2,hellaswag,arc_easy,piqa",
+                      "200 unless --sample is given")
     p.add_argument("--pages", type=int, default=4, help="WikiText-2 test pages to score (4)")
     p.add_argument("--grid-intensity", type=float, default=None,
                    help="grid carbon intensity in g CO2/kWh (default: world average 475)")

@@ -36,7 +36,8 @@ def _argmax(xs: list[float]) -> int:
 
 
 # -- task files ---------------------------------------------------------------------------------
-def load(name: str, data_dir, trust_code: bool, num_fewshot: int | None, limit: int | None):
+def load(name: str, data_dir, trust_code: bool, num_fewshot: int | None, limit: int | None,
+         sample: int | None = None):
     if name.startswith("ppl:"):
         return PplTask(name[4:])
     path = GENERATIVE.get(name, name)
@@ -45,7 +46,7 @@ def load(name: str, data_dir, trust_code: bool, num_fewshot: int | None, limit: 
 
         data_dir = default_data_dir()
     return load_taskfile(path, data_dir, trust_code=trust_code, num_fewshot=num_fewshot,
-                         limit=limit)
+                         limit=limit, sample=sample)
 
 
 def run_taskfile(lm, task: TaskFile, cache, bar, batch_size: int) -> None:

@@ -50,8 +50,8 @@ def measure_speed_memory(name: str, threads) -> dict:
             "peak_rss_bytes": peak_rss_bytes()}
 
 
-def measure_quality(name: str, tasks: list[str], limit: int, pages: int, context: int,
-                    batch_size: int, data_dir, grid, threads) -> dict:
+def measure_quality(name: str, tasks: list[str], limit: int | None, sample: int | None,
+                    pages: int, context: int, batch_size: int, data_dir, grid, threads) -> dict:
     """Quality and energy of one model (run in a child process of its own)."""
     from pocketlm.api import load, resolve
     from pocketlm.evaluate.energy import measure_generation
@@ -64,8 +64,10 @@ def measure_quality(name: str, tasks: list[str], limit: int, pages: int, context
            "disk_bytes": disk_bytes(path), "params": m.config.n_params}
     quality = {}
     for t in tasks:
-        r = evaluate(m, t, limit=pages if t == "wikitext2" else limit, context=context,
-                     batch_size=batch_size, data_dir=data_dir, progress=False, record=False)
+        wiki = t == "wikitext2"
+        r = evaluate(m, t, limit=pages if wiki else limit, sample=None if wiki else sample,
+                     context=context, batch_size=batch_size, data_dir=data_dir, progress=False,
+                     record=False)
         (metrics,) = r["tasks"].values()  # a task file's results are under its task: name
         quality[t] = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     row["quality"] = quality
@@ -76,12 +78,12 @@ def measure_quality(name: str, tasks: list[str], limit: int, pages: int, context
     return row
 
 
-def measure_model(name: str, tasks: list[str], limit: int, pages: int, context: int,
-                  batch_size: int, data_dir, grid, threads) -> dict:
+def measure_model(name: str, tasks: list[str], limit: int | None, sample: int | None,
+                  pages: int, context: int, batch_size: int, data_dir, grid, threads) -> dict:
     """Everything the report shows for one model: speed and memory in one fresh child,
     quality and energy in another, so the peak RSS is the model's own."""
-    row = _measure_isolated(measure_quality, (name, tasks, limit, pages, context, batch_size,
-                                              data_dir, grid, threads))
+    row = _measure_isolated(measure_quality, (name, tasks, limit, sample, pages, context,
+                                              batch_size, data_dir, grid, threads))
     row.update(_measure_isolated(measure_speed_memory, (name, threads)))
     return row
 
@@ -224,7 +226,8 @@ def report(
     models: list[str],
     out: str | Path = "report",
     tasks: str | list[str] = "wikitext2,hellaswag,arc_easy,piqa",
-    limit: int = 200,
+    limit: int | None = None,
+    sample: int | None = None,
     pages: int = 4,
     context: int = 1024,
     batch_size: int = 8,
@@ -234,14 +237,25 @@ def report(
 ) -> Path:
     """Measure every model and write the comparison page into ``out``; returns the folder.
 
-    ``limit`` items per multiple-choice task, ``pages`` WikiText-2 pages. Raises
-    InvalidArgument (unknown task), ModelNotFound, DataMissing, or PocketError naming the
-    model whose measurement failed.
+    The first ``limit`` items of each task but WikiText-2 (200 when neither ``limit`` nor
+    ``sample`` is given), or ``sample`` items spread evenly over each (``evaluate``'s
+    ``sample``: for task files sorted by label); ``pages`` WikiText-2 pages. Raises
+    InvalidArgument (unknown task, both ``limit`` and ``sample``), ModelNotFound,
+    DataMissing, or PocketError naming the model whose measurement failed.
     """
+    from pocketlm.errors import InvalidArgument
     from pocketlm.evaluate import custom
     from pocketlm.evaluate.energy import WORLD_GRID_G_PER_KWH
     from pocketlm.evaluate.tasks import parse_tasks, task_paths
 
+    if limit is not None and sample is not None:
+        raise InvalidArgument(f"report: limit {limit} and sample {sample}: give one (limit: "
+                              "the first N items; sample: N spread over each task)")
+    for k, v in (("limit", limit), ("sample", sample)):
+        if v is not None and v < 1:
+            raise InvalidArgument(f"report: {k} must be at least 1, got {v}")
+    if sample is None and limit is None:
+        limit = 200
     names = parse_tasks(tasks)
     for t in names:  # missing data or a bad task file fails before any model loads
         if not custom.is_custom(t):
@@ -250,7 +264,7 @@ def report(
             custom.load(t, data_dir, False, None, 1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = [measure_model(m, names, limit, pages, context, batch_size, data_dir,
+    rows = [measure_model(m, names, limit, sample, pages, context, batch_size, data_dir,
                           grid_g_per_kwh, threads) for m in models]
     grid = WORLD_GRID_G_PER_KWH if grid_g_per_kwh is None else grid_g_per_kwh
 
@@ -260,7 +274,9 @@ def report(
          "higher", out / "pareto_speed.png", "Quality vs decode speed")
     header, table = _table(rows, names)
     when = datetime.now(UTC).isoformat(timespec="seconds")
-    settings = (f"{limit} items per multiple-choice task, {pages} WikiText-2 test pages, "
+    subset = (f"{sample} items spread evenly over each task" if sample else
+              f"the first {limit} items of each task")
+    settings = (f"{subset}, {pages} WikiText-2 test pages, "
                 f"context up to {context} tokens; speed: 128-token prefill and 32 decode steps on "
                 f"{rows[0]['threads']} thread(s); energy: {rows[0]['energy_method']}, grid "
                 f"{grid:.0f} g CO2/kWh. Accuracies are ± one standard error.")

@@ -3,14 +3,16 @@
     >>> import pocketlm
     >>> from pocketlm.evaluate import evaluate
     >>> m = pocketlm.load("smollm2-135m-instruct")
-    >>> r = evaluate(m, "hellaswag,arc_easy", limit=100)
+    >>> r = evaluate(m, "hellaswag,arc_easy", limit=100)   # the first 100, as lm-eval --limit
     >>> r["tasks"]["hellaswag"]["acc_norm"]
+    >>> r = evaluate(m, "pocketlm/tasks/bitext_intent.yaml", sample=100)  # 100 spread evenly
 
 Each scored item is appended to a cache file (JSON lines) as soon as its batch finishes; a run
 that is interrupted and started again with the same model and settings picks up where it
 stopped. The cache is keyed by a fingerprint of the weights and tokenizer, the task and the
 settings that change scores (context window and stride), so a changed model never reuses
-stale numbers.
+stale numbers. A ``sample`` run keeps its items in a file of its own (``-sampleNofM``): its row
+numbers count the sampled items, so they never mix with a full or ``limit`` run's.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 
 from pocketlm.errors import InvalidArgument
 from pocketlm.evaluate import perplexity, scoring
+from pocketlm.evaluate.taskfile import spread
 from pocketlm.evaluate.tasks import TASKS, Choice, load_task, parse_tasks
 
 log = logging.getLogger(__name__)
@@ -236,6 +239,7 @@ def evaluate(
     model,
     tasks: str | list[str] = "wikitext2,lambada,hellaswag,arc_easy,arc_challenge,piqa",
     limit: int | None = None,
+    sample: int | None = None,
     batch_size: int = 8,
     context: int = 1024,
     stride: int | None = None,
@@ -251,12 +255,19 @@ def evaluate(
 ) -> dict:
     """Evaluate ``model`` on ``tasks``; returns {"model", "settings", "tasks": {name: metrics}}.
 
-    ``limit`` takes the first N items of each task (pages for wikitext2). ``context`` is the
-    window in tokens (capped at the model's) and ``stride`` the tokens each WikiText window
-    adds (default ``context``: disjoint windows, as lm-eval). Items are cached under
-    ``cache_dir`` (default ``$POCKETLM_HOME/eval-cache``) so an interrupted run resumes.
+    ``limit`` takes the first N items of each task (pages for wikitext2), as lm-eval's
+    ``--limit`` does: use it to compare item for item with lm-eval. ``sample`` takes N items
+    spread evenly over the whole split instead (items ``k * len // N``, k = 0..N-1; no seed,
+    so a run is reproducible): use it for a file sorted by label, whose first N items may all
+    share one answer (Bitext, Banking77). Task files' few-shot examples are the same for an
+    item whichever subset it is in.
+
+    ``context`` is the window in tokens (capped at the model's) and ``stride`` the tokens each
+    WikiText window adds (default ``context``: disjoint windows, as lm-eval). Items are cached
+    under ``cache_dir`` (default ``$POCKETLM_HOME/eval-cache``) so an interrupted run resumes.
     With ``record`` the metrics are added to ``model.card``; with ``details`` the per-item
-    log-likelihoods are returned too, under ``results["items"][task]``.
+    log-likelihoods are returned too, under ``results["items"][task]`` (with each item's
+    ``row`` in the split; for a task file, a list ``split_rows``).
 
     Besides the built-in names, ``tasks`` may hold ``gsm8k`` (generative, 5-shot), paths to
     lm-eval task YAMLs (``taskfile.py``; ``trust_task_code`` allows their ``!function`` hooks,
@@ -264,14 +275,21 @@ def evaluate(
     With ``endpoint`` (a ``backends.EndpointLM``) those run against a server instead, and
     ``model`` may be None.
 
-    Raises InvalidArgument for an unknown task or bad setting, DataMissing for a missing data
-    file (the message names the path and the expected format), TaskFileError for a bad task
-    file, EndpointError for an unreachable or unsuitable endpoint.
+    Raises InvalidArgument for an unknown task or bad setting (both ``limit`` and ``sample``
+    among them), DataMissing for a missing data file (the message names the path and the
+    expected format), TaskFileError for a bad task file, EndpointError for an unreachable or
+    unsuitable endpoint.
     """
     from pocketlm.evaluate import custom
     names = parse_tasks(tasks)
     if limit is not None and limit < 1:
         raise InvalidArgument(f"limit must be at least 1, got {limit}")
+    if sample is not None and sample < 1:
+        raise InvalidArgument(f"sample must be at least 1, got {sample}")
+    if limit is not None and sample is not None:
+        raise InvalidArgument(f"limit {limit} and sample {sample}: give one. limit takes the "
+                              "first N items (lm-eval's --limit), sample N spread over the split "
+                              "(for files sorted by label)")
     if batch_size < 1:
         raise InvalidArgument(f"batch size must be at least 1, got {batch_size}")
     if model is None and endpoint is None:
@@ -300,13 +318,13 @@ def evaluate(
 
     results: dict = {
         "model": who,
-        "settings": {"context": window, "stride": stride, "limit": limit,
+        "settings": {"context": window, "stride": stride, "limit": limit, "sample": sample,
                      "batch_size": batch_size, "threads": torch.get_num_threads(),
                      "dtype": dtype, "fingerprint": fp},
         "tasks": {},
     }
     # fail on missing data or a bad task file before any work
-    loaded = {n: custom.load(n, data_dir, trust_task_code, num_fewshot, limit)
+    loaded = {n: custom.load(n, data_dir, trust_task_code, num_fewshot, limit, sample)
               if custom.is_custom(n) else load_task(n, data_dir) for n in names}
     if any(custom.is_custom(n) for n in names):
         from pocketlm.evaluate.backends import LocalLM
@@ -315,16 +333,18 @@ def evaluate(
     for name in names:
         if custom.is_custom(name):
             _run_custom(lm, name, loaded[name], results, cache_root, fp, window, batch_size,
-                        progress, details, record, limit, model)
+                        progress, details, record, limit, sample, model)
             continue
         data = loaded[name]
-        items = data.items[:limit] if limit else data.items
+        rows_kept, selection = _subset(len(data.items), limit, sample)
+        items = [data.items[i] for i in rows_kept]
         if data.skipped:
             log.warning("%s: skipped %d malformed row(s); first: %s", name, data.skipped,
                         data.first_skipped)
         if not items:
             raise InvalidArgument(f"{name}: no usable items in {', '.join(data.files)}")
         key = f"{name}-v{TASK_VERSION}-ctx{window}" + (f"-s{stride}" if name == "wikitext2" else "")
+        key += f"-{selection}" if selection else ""
         cache = ItemCache(cache_root / fp / f"{key}.jsonl" if use_cache else None)
         resumed = sum(1 for i in range(len(items)) if i in cache.done)
         t0 = time.perf_counter()
@@ -348,26 +368,38 @@ def evaluate(
                        seconds=time.perf_counter() - t0, resumed_items=resumed)
         results["tasks"][name] = metrics
         if details:
-            results.setdefault("items", {})[name] = rows
+            results.setdefault("items", {})[name] = [r | {"row": j} for r, j in
+                                                     zip(rows, rows_kept)]
         if record:
             model.card.add_metric(name, {k: v for k, v in metrics.items() if k != "first_skipped"}
-                                  | {"limit": limit})
+                                  | {"limit": limit, "sample": sample})
     return results
 
 
+def _subset(total: int, limit: int | None, sample: int | None) -> tuple[list[int], str]:
+    """The rows a run keeps, and what the cache key adds for them: "" for the first N (their
+    rows are a full run's), "sampleNofM" for a spread sample of N out of M."""
+    if sample and sample < total:
+        return spread(total, sample), f"sample{sample}of{total}"
+    return list(range(total))[: limit or None], ""
+
+
 def _run_custom(lm, name, task, results, cache_root, fp, window, batch_size, show, details,
-                record, limit, model) -> None:
+                record, limit, sample, model) -> None:
     """One task file, gsm8k or ppl:FILE: run what the cache lacks, then compute metrics."""
     from pocketlm.evaluate import custom
 
     is_ppl = isinstance(task, custom.PplTask)
+    if is_ppl:
+        kept, selection = _subset(len(task.records), limit, sample)
+        task.records = [task.records[i] for i in kept]
+    else:
+        kept, selection = task.rows, task.selection
     n = len(task.records) if is_ppl else len(task.requests)
-    if is_ppl and limit:
-        task.records = task.records[:limit]
-        n = len(task.records)
     if task.skipped:
         log.warning("%s: skipped %d row(s); first: %s", name, task.skipped, task.first_skipped)
     key = f"{task.name.replace(':', '_').replace('/', '_')}-{task.digest}-ctx{window}"
+    key += f"-{selection}" if selection else ""
     cache = ItemCache(cache_root / fp / f"{key}.jsonl" if fp else None)
     resumed = sum(1 for i in range(n) if i in cache.done)
     t0 = time.perf_counter()
@@ -390,11 +422,12 @@ def _run_custom(lm, name, task, results, cache_root, fp, window, batch_size, sho
     results["tasks"][task.name] = metrics
     if details:
         results.setdefault("items", {})[task.name] = {
-            "predictions": preds, "rows": [cache.done.get(i) for i in range(n)]}
+            "predictions": preds, "rows": [cache.done.get(i) for i in range(n)],
+            "split_rows": kept}
     if record and model is not None:
         model.card.add_metric(task.name, {k: v for k, v in metrics.items()
                                           if k not in ("first_skipped", "shown", "files")}
-                              | {"limit": limit})
+                              | {"limit": limit, "sample": sample})
 
 
 def save_card(model, folder: str | Path) -> Path:

@@ -10,7 +10,8 @@ The subset of lm-eval's ``TaskConfig`` that describes a task over local files:
   template (rendered in a sandbox: a template cannot reach Python), or a literal list of
   choices; ``description``, ``target_delimiter`` (" "), ``fewshot_delimiter`` ("\\n\\n"),
   ``num_fewshot`` (examples drawn with ``random.Random(1234).sample`` from the few-shot
-  split, one draw per item in item order, as lm-eval's default sampler does).
+  split, one draw per item in item order, as lm-eval's default sampler does; a subset taken
+  with ``limit`` or ``sample`` gives each row the examples a full run gives it).
 - ``output_type``: ``multiple_choice``, ``loglikelihood``, ``loglikelihood_rolling``,
   ``generate_until`` (``generation_kwargs``: ``until``, ``max_gen_toks``, ``do_sample:
   false``, ``temperature: 0``).
@@ -28,6 +29,7 @@ Python from the task's folder, so they are refused unless the caller passes
 from __future__ import annotations
 
 import ast
+import contextlib
 import csv
 import hashlib
 import importlib.util
@@ -40,7 +42,7 @@ from pathlib import Path
 
 import yaml
 
-from pocketlm.errors import PocketError
+from pocketlm.errors import InvalidArgument, PocketError
 
 OUTPUT_TYPES = ("multiple_choice", "loglikelihood", "loglikelihood_rolling", "generate_until")
 METRICS = {
@@ -114,6 +116,8 @@ class TaskFile:
     first_skipped: str | None = None
     files: list[str] = field(default_factory=list)
     digest: str = ""  # of the YAML text and the data files: part of the cache key
+    rows: list[int] = field(default_factory=list)  # each request's row in the test split
+    selection: str = ""  # "sampleNofM" when ``sample`` chose the rows: part of the cache key
 
     def skip(self, where: str, reason: str) -> None:
         self.skipped += 1
@@ -158,6 +162,16 @@ class _Field:
         if self.template is None:
             return doc[v]
         return self.template.render(**doc)
+
+
+def spread(total: int, n: int | None) -> list[int]:
+    """``n`` indices spread evenly over ``range(total)``: ``k * total // n`` for k = 0..n-1,
+    every (total/n)-th item from the first. No seed and no shuffle: the same split always gives
+    the same items, and a file sorted by label gives every label its share (to within one
+    item). All indices when ``n`` is None or at least ``total``."""
+    if n is None or n >= total:
+        return list(range(total))
+    return [k * total // n for k in range(n)]
 
 
 # -- reading the data ------------------------------------------------------------------------
@@ -351,14 +365,23 @@ def _filters(cfg: dict, where: str) -> list[tuple[str, list[dict]]]:
 
 def load_taskfile(
     path: str | Path, data_dir: str | Path | None = None, trust_code: bool = False,
-    num_fewshot: int | None = None, limit: int | None = None,
+    num_fewshot: int | None = None, limit: int | None = None, sample: int | None = None,
 ) -> TaskFile:
     """Parse a task YAML and turn its evaluation rows into requests.
 
-    ``limit`` keeps the first N rows (few-shot draws then match lm-eval's ``--limit``).
-    A row whose template fails is skipped and counted (its row number in the message);
-    raises TaskFileError for a bad file, a missing data file or a column that is absent.
+    ``limit`` keeps the first N rows (few-shot draws then match lm-eval's ``--limit``);
+    ``sample`` keeps N rows spread evenly over the split (``spread``), for files sorted by
+    label. Either way a kept row gets the few-shot examples a full run gives it: the seeded
+    draws of the rows left out are still made, in order. A row whose template fails is
+    skipped and counted (its row number in the message); raises TaskFileError for a bad
+    file, a missing data file or a column that is absent, InvalidArgument for both ``limit``
+    and ``sample``.
     """
+    if limit is not None and sample is not None:
+        raise InvalidArgument("give limit (the first N rows) or sample (N rows spread over the "
+                              "split), not both")
+    if sample is not None and sample < 1:
+        raise InvalidArgument(f"sample must be at least 1, got {sample}")
     cfg, path = parse_config(path, trust_code)
     where = str(path)
     yaml_dir = path.parent
@@ -454,15 +477,26 @@ def load_taskfile(
 
     desc = _Field("description", cfg.get("description") or "", env, columns, where)
     rnd = random.Random(1234)  # lm-eval's default fewshot_random_seed
-    shown = docs[:limit] if limit else docs
+
+    def draw() -> list[dict]:  # one row's draw; its own row, if drawn, is dropped below
+        return rnd.sample(fs_docs, n_shot + 1 if fs_docs is docs else n_shot)
+
+    kept = spread(len(docs), sample) if sample else list(range(len(docs)))[: limit or None]
+    task.rows = kept
+    task.selection = f"sample{sample}of{len(docs)}" if len(kept) < len(docs) and sample else ""
+    wanted = set(kept)
     src = splits[test][0].name
-    for i, doc in enumerate(shown):
+    for i, doc in enumerate(docs[: kept[-1] + 1]):
+        if i not in wanted:
+            if n_shot:  # the draw this row would take, so the rows after it get theirs
+                with contextlib.suppress(ValueError):  # too few examples: the kept rows say so
+                    draw()
+            continue
         row = f"{where}: row {i + 1} of {src}"
         try:
             shots = ""
             if n_shot:
-                picked = rnd.sample(fs_docs, n_shot + 1) if fs_docs is docs else rnd.sample(
-                    fs_docs, n_shot)
+                picked = draw()
                 if fs_docs is docs:
                     picked = [x for x in picked if x != doc][:n_shot]
                 shots = "".join(f"{text(d)}{tdelim}{answer_text(d)}{fdelim}" for d in picked)

@@ -354,6 +354,13 @@ def check(recipe: Recipe) -> None:
                                   f"a file or folder ({resolve_path(recipe, v)})")
         if s.settings.get("tasks") is not None:
             _check_tasks(recipe, s, f"{where} line {s.lines.get('tasks') or s.line}")
+        if s.settings.get("limit") is not None and s.settings.get("sample") is not None:
+            line = s.lines.get("sample") or s.lines.get("limit")
+            raise RecipeError(
+                f"{where} line {line or s.line}: {s.kind} has both limit and sample; give one "
+                "(limit: the first N items, as lm-eval's --limit; sample: N spread over the "
+                f"split, for data sorted by label). With --set, also set {s.kind}.limit=null "
+                f"or {s.kind}.sample=null")
 
 
 def _task_names(tasks) -> list[str]:
