@@ -16,7 +16,7 @@ from pocketlm.recipes.recipe import SHIPPED, STEPS, RecipeError, describe, parse
 
 # quick.yaml's settings cut down to what a 2-layer model of width 64 needs
 TINY = ["finetune.steps=3", "finetune.eval_rows=4", "quantize.samples=4", "quantize.seq_len=64",
-        "evaluate.limit=1", "evaluate.context=128"]
+        "evaluate.sample=1", "evaluate.context=128"]
 
 
 @pytest.fixture(scope="module")
