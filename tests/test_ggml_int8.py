@@ -69,9 +69,14 @@ def gemv(blocks: np.ndarray, name: str, x: np.ndarray) -> np.ndarray:
     return y
 
 
+def act_group(name: str) -> int:
+    """Columns per activation scale: 4, one int32 lane of the dot products, for every type."""
+    return 4
+
+
 def act_round(x: np.ndarray, group: int) -> tuple[np.ndarray, np.ndarray]:
     """The kernel's rounding of x (T, K): int8 values and one fp32 scale per `group` columns
-    (32, or 256 for the K-quants), d = max|x| / 127, x_q = nearest-even(x * (1 / d))."""
+    (act_group), d = max|x| / 127, x_q = nearest-even(x * (1 / d))."""
     xb = x.astype(np.float32).reshape(x.shape[0], -1, group)
     d = np.abs(xb).max(-1) / np.float32(127)
     with np.errstate(divide="ignore"):
@@ -85,7 +90,7 @@ def int8_reference(blocks: np.ndarray, name: str, x: np.ndarray):
     """(y, bound): x rounded as the kernel rounds it, times the dequantized weights, in float64;
     bound = the same product on magnitudes (what fp32 accumulation errors scale with)."""
     k = x.shape[1]
-    group = 256 if name in K_QUANTS else 32
+    group = act_group(name)
     q, d = act_round(x, group)
     xhat = (q.reshape(x.shape[0], -1, group) * d[..., None].astype(np.float64)).reshape(x.shape)
     w = reference(blocks, name, k).double().numpy()

@@ -355,20 +355,25 @@ void gemv_rows(const float* x, int64_t K, const uint8_t* w, int64_t row_bytes, f
 
 // -- int8 activations: integer dot products, as llama.cpp computes ------------------------------
 // For the quantized types each row of x is rounded to int8 once per product (ggml_prepare) and
-// a block's products are integer multiply-adds, its scales applied once per block:
-//   Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: one activation scale per 32 columns (llama.cpp's Q8_0/Q8_1),
-//     sum_b dw_b * dx_b * sum_i q_bi x_bi (+ the block's min times the block's x sum);
-//   Q4_K, Q5_K, Q6_K: one activation scale per 256 columns (llama.cpp's Q8_K) with sums of the
-//     int8 values per 16 (Q6_K) or 32 (Q4_K/Q5_K) columns, so a super-block's sub-block scales
-//     multiply int16 pair sums in integers and its fp32 scale is applied once per 256 weights.
-// Rounding: d = max|x| / 127 per block, x_q = nearest-even(x / d) (the same fp32 operations in
-// every build). The integer sums are exact; results differ from the fp32 activations by the
-// rounding of x (~0.4% of a value) and no longer match the dequantized product bit for bit.
-// Off by default: on real models it moves WikiText-2 perplexity by -0.22% (Qwen2.5 0.5B) but
-// +0.59% (SmolLM2 Q4_1) and +0.72% (Gemma 3 270M) against fp32 activations, over issue #20's
-// 0.3% bar (llama.cpp, which always rounds, pays the same: its SmolLM2 Q4_1 is 0.62% above its
-// F16). POCKETLM_GGML_INT8_ACT=1 (read once) turns it on, as does pocketlm_ggml_set_int8_act(1)
-// at run time (tests, comparisons).
+// a block's products are integer multiply-adds. One activation scale per 4 columns: the columns
+// of one int32 lane of the dot products (vpdpbusd / maddubs + madd sum 4 adjacent products),
+// whose sums are converted to fp32 anyway, so a scale per lane costs a vector load instead of
+// a broadcast:
+//   Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: sum_b dw_b * sum_lanes dx_l * sum_i q_i x_i (+ the block's
+//     min times the block's x sum);
+//   Q4_K, Q5_K, Q6_K: a super-block's sub-block scales multiply int16 pair sums in integers;
+//     each 32 or 64 columns' lanes are converted and scaled by dx_l, and the super-block's fp32
+//     scale is applied once per 256 weights.
+// Rounding: d = max|x| / 127 per 4 columns, x_q = nearest-even(x * (1 / d)) (the same fp32
+// operations in every build). The integer sums are exact; results differ from the fp32
+// activations by the rounding of x and no longer match the dequantized product bit for bit.
+// Why 4: with llama.cpp's blocks (a scale per 32 columns, per 256 for the K-quants) WikiText-2
+// perplexity moved +0.40% (SmolLM2 Q4_1) and +0.78% (Gemma 3 270M) against fp32 activations
+// through the decode path, over issue #20's 0.3% bar; simulated per layer kind the loss was
+// spread over every kind (outlier channels flatten whole 32- or 256-column blocks), and a scale
+// per 4 columns took its KL divergence from 4.5e-3 to 0.3e-3 (Gemma; bench/int8_act_quality.py
+// measures the real kernels). POCKETLM_GGML_INT8_ACT=0/1 (read once) forces either path, as
+// does pocketlm_ggml_set_int8_act at run time (tests, comparisons).
 //
 // Integer building blocks on 256-bit vectors (VNNI where the build has it, else AVX2):
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -390,11 +395,6 @@ inline __m256i dp_s16(__m256i acc, __m256i a, __m256i b) {
 // Signed x signed bytes: |a| (<= 128 as u8) times b with a's sign.
 inline __m256i dp_s8s8(__m256i acc, __m256i a, __m256i b) {
   return dp_u8s8(acc, _mm256_abs_epi8(a), _mm256_sign_epi8(b, a));
-}
-inline int32_t hsum_i32x4(__m128i s) {
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
 }
 inline float hsum8(__m256 v) {
   __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -422,24 +422,24 @@ constexpr bool is_kquant(int type) { return type == Q4_K || type == Q5_K || type
 
 // The scratch (floats): [0] a tag, 1 for int8 activations, 0 for fp32 ones; from HEAD on, T
 // rows of `row_floats` each. fp32: sums of x per 32 columns (K/32). int8, 32-column types
-// (nb = K/32): d[nb], dsum[nb] = d * sum(x_q), corr[8 nb] int32, x_q[K] int8, where corr (Q4_0
-// and Q5_0) is -c * the sum of each 4 x_q (c = 8, 16: the codes' offset) for the dot product to
-// start from. K-quants (ns = K/256): d[ns], sums[16 ns] int16 (per 16 columns for Q6_K, per
-// 32 for Q4_K/Q5_K), x_q[K].
+// (nb = K/32): d[8 nb] (a scale per 4 columns), dsum[nb] = sum of d * x_q, corr[8 nb]
+// int32, x_q[K] int8, where corr (Q4_0 and Q5_0) is -c * the sum of each 4 x_q (c = 8, 16: the
+// codes' offset) for the dot product to start from. K-quants: d[K/4], fsum[K/16] = sums of
+// d * x_q per 16 columns (Q6_K's offset) or per 32 (Q4_K/Q5_K's mins, the first K/32), x_q[K].
 constexpr int64_t HEAD = 16;
 int64_t int8_row_floats(int type, int64_t K) {
-  if (is_kquant(type)) return (K / 256) * (1 + 8) + K / 4;
-  return (K / 32) * (2 + 8) + K / 4;
+  if (is_kquant(type)) return K / 4 + K / 16 + K / 4;
+  return (K / 32) * (8 + 1 + 8) + K / 4;
 }
 int64_t row_floats(int type, int64_t K) {
   return has_int8(type) ? std::max(K / 32, int8_row_floats(type, K)) : K / 32;
 }
 
 struct I8Row {
-  const float* d;
-  const float* dsum;
+  const float* d;     // a scale per 4 columns
+  const float* dsum;  // 32-column types: per block
   const int32_t* corr;
-  const int16_t* sums;
+  const float* fsum;  // K-quants
   const int8_t* xq;
 };
 
@@ -447,35 +447,36 @@ template <int TYPE>
 I8Row i8_row(const float* act, int64_t K, int64_t t) {
   const float* r = act + HEAD + t * row_floats(TYPE, K);
   if constexpr (is_kquant(TYPE)) {
-    const int64_t ns = K / 256;
-    return {r, nullptr, nullptr, reinterpret_cast<const int16_t*>(r + ns),
-            reinterpret_cast<const int8_t*>(r + 9 * ns)};
+    return {r, nullptr, nullptr, r + K / 4, reinterpret_cast<const int8_t*>(r + K / 4 + K / 16)};
   } else {
     const int64_t nb = K / 32;
-    return {r, r + nb, reinterpret_cast<const int32_t*>(r + 2 * nb), nullptr,
-            reinterpret_cast<const int8_t*>(r + 10 * nb)};
+    return {r, r + 8 * nb, reinterpret_cast<const int32_t*>(r + 9 * nb), nullptr,
+            reinterpret_cast<const int8_t*>(r + 17 * nb)};
   }
 }
 
-// n (a multiple of 32) floats -> int8 with one scale: returns d; q (n bytes).
-inline float round_block(const float* x, int64_t n, int8_t* q) {
-  __m256 amax = _mm256_setzero_ps();
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  for (int64_t i = 0; i < n; i += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + i)));
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  const float d = _mm_cvtss_f32(m) / 127.f;
-  const __m256 id = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
+// 32 floats -> int8 with one scale per 4 columns, the columns of one int32 lane of the
+// dot products (so the scales cost nothing there: each lane's sum is converted to fp32 and
+// scaled anyway). d[8] per lane, each repeated over the lane's group; d = max|x| / 127 over
+// the group, x_q = nearest-even(x * (1 / d)).
+inline void round_lanes(const float* x, int8_t* q, float* d) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), k127 = _mm256_set1_ps(127.f), zero = _mm256_setzero_ps();
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (int64_t i = 0; i < n; i += 32) {
-    __m256i v[4];
-    for (int j = 0; j < 4; ++j)  // cvtps rounds to nearest even (the default MXCSR mode)
-      v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * j), id));
-    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + i), _mm256_permutevar8x32_epi32(p, order));
+  __m256i v[4];
+  for (int j = 0; j < 4; ++j) {  // 8 values: two lanes
+    const __m256 xv = _mm256_loadu_ps(x + 8 * j);
+    __m256 m = _mm256_andnot_ps(sign, xv);  // max over each 4 (the 128-bit halves)
+    m = _mm256_max_ps(m, _mm256_permute_ps(m, 0xB1));
+    m = _mm256_max_ps(m, _mm256_permute_ps(m, 0x4E));
+    const __m256 dv = _mm256_div_ps(m, k127);
+    const __m256 id = _mm256_blendv_ps(zero, _mm256_div_ps(_mm256_set1_ps(1.f), dv),
+                                       _mm256_cmp_ps(dv, zero, _CMP_GT_OQ));
+    d[2 * j] = _mm256_cvtss_f32(dv);
+    d[2 * j + 1] = _mm_cvtss_f32(_mm256_extractf128_ps(dv, 1));
+    v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(xv, id));  // nearest even (the default MXCSR mode)
   }
-  return d;
+  const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(v[0], v[1]), _mm256_packs_epi32(v[2], v[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permutevar8x32_epi32(p, order));
 }
 
 template <int TYPE>
@@ -484,34 +485,34 @@ void prepare_i8(const float* x, int64_t T, int64_t K, float* act) {
     float* r = act + HEAD + t * row_floats(TYPE, K);
     const float* xr = x + t * K;
     if constexpr (is_kquant(TYPE)) {
-      const int64_t ns = K / 256;
-      int16_t* sums = reinterpret_cast<int16_t*>(r + ns);
-      int8_t* xq = reinterpret_cast<int8_t*>(r + 9 * ns);
-      constexpr int G = TYPE == Q6_K ? 16 : 32;
-      for (int64_t s = 0; s < ns; ++s) {
-        r[s] = round_block(xr + 256 * s, 256, xq + 256 * s);
-        for (int g = 0; g < 256 / G; ++g) {
-          int v = 0;
-          for (int i = 0; i < G; ++i) v += xq[256 * s + G * g + i];
-          sums[16 * s + g] = int16_t(v);
+      float* fsum = r + K / 4;
+      int8_t* xq = reinterpret_cast<int8_t*>(r + K / 4 + K / 16);
+      constexpr int G = TYPE == Q6_K ? 16 : 32;  // columns per fsum
+      for (int64_t b = 0; b < K / 32; ++b) round_lanes(xr + 32 * b, xq + 32 * b, r + 8 * b);
+      for (int64_t g = 0; g < K / G; ++g) {
+        float v = 0.f;
+        for (int l = 0; l < G / 4; ++l) {
+          const int8_t* q = xq + G * g + 4 * l;
+          v += r[G / 4 * g + l] * float(q[0] + q[1] + q[2] + q[3]);
         }
+        fsum[g] = v;
       }
     } else {
       const int64_t nb = K / 32;
-      float* dsum = r + nb;
-      int32_t* corr = reinterpret_cast<int32_t*>(r + 2 * nb);
-      int8_t* xq = reinterpret_cast<int8_t*>(r + 10 * nb);
+      float* dsum = r + 8 * nb;
+      int32_t* corr = reinterpret_cast<int32_t*>(r + 9 * nb);
+      int8_t* xq = reinterpret_cast<int8_t*>(r + 17 * nb);
       constexpr int C = TYPE == Q4_0 ? 8 : TYPE == Q5_0 ? 16 : 0;
       for (int64_t b = 0; b < nb; ++b) {
+        round_lanes(xr + 32 * b, xq + 32 * b, r + 8 * b);
         const int8_t* q = xq + 32 * b;
-        r[b] = round_block(xr + 32 * b, 32, xq + 32 * b);
-        int s = 0;
+        float ds = 0.f;
         for (int l = 0; l < 8; ++l) {
           const int s4 = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
           corr[8 * b + l] = -C * s4;
-          s += s4;
+          ds += r[8 * b + l] * float(s4);
         }
-        dsum[b] = r[b] * float(s);
+        dsum[b] = ds;
       }
     }
   }
@@ -573,7 +574,6 @@ void rows_i8_32(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes
     // 512-bit: a pair of blocks an instruction (lanes 0-7 block b, 8-15 block b + 1)
     __m512 acc2[T];
     for (int t = 0; t < T; ++t) acc2[t] = _mm512_setzero_ps();
-    const __m512i pair_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     for (; b + 2 <= nb; b += 2) {
       const uint8_t* blk = row + b * BYTES;
       const __m512i u = _mm512_inserti64x4(_mm512_castsi256_si512(codes32<TYPE>(blk)),
@@ -591,8 +591,7 @@ void rows_i8_32(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes
         } else {
           p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u, xv);
         }
-        const __m512 dx = _mm512_permutexvar_ps(pair_idx, _mm512_castps128_ps512(
-            _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(a[t].d + b)))));
+        const __m512 dx = _mm512_loadu_ps(a[t].d + 8 * b);  // a scale per lane, both blocks
         acc2[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, dx), acc2[t]);
       }
       if constexpr (TYPE == Q4_1 || TYPE == Q5_1) {
@@ -619,7 +618,7 @@ void rows_i8_32(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes
         } else {
           p = dp_u8s8(_mm256_setzero_si256(), u, xv);
         }
-        ac[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_broadcast_ss(a[t].d + b)), ac[t]);
+        ac[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_mul_ps(dw, _mm256_loadu_ps(a[t].d + 8 * b)), ac[t]);
       }
       if constexpr (TYPE == Q4_1 || TYPE == Q5_1) {
         const float m = h2f(blk + 2);
@@ -657,7 +656,11 @@ inline __m512i k_dot512(__m512i acc, __m256i lo, __m256i hi, const int8_t* x, __
 inline __m512i join16(__m256i a, __m256i b) { return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1); }
 #endif
 
-// y[t * ldy + n] = x_q[t] . W[n] for the K-quants.
+// y[t * ldy + n] = x_q[t] . W[n] for the K-quants. The sub-block scales multiply int16 pair
+// sums in integers; each 32 (256-bit) or 64 (512-bit) columns' int32 lanes are then converted
+// to fp32 and multiplied by their activation scales (a lane: 4 columns, one scale), and the
+// super-block's fp32 scale is applied once per 256 weights. The codes' mins (Q4_K/Q5_K) and
+// offset (Q6_K) are fp32 dot products of the sub-block scales with fsum.
 template <int TYPE, int T>
 void rows_i8_k(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes, float* y,
                int64_t ldy, int64_t n0, int64_t n1) {
@@ -668,25 +671,27 @@ void rows_i8_k(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes,
   const __m256i m4 = _mm256_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* row = w + n * row_bytes;
-    __m256 acc[T];
-    float mins[T];
-    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps(), mins[t] = 0.f;
+    __m256 acc[T], mins[T];
+    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps(), mins[t] = _mm256_setzero_ps();
     for (int64_t sb = 0; sb < ns; ++sb) {
       const uint8_t* blk = row + sb * BYTES;
-      __m256i isum[T];
-      for (int t = 0; t < T; ++t) isum[t] = _mm256_setzero_si256();
+      const int64_t c0 = 256 * sb;  // the super-block's first column
+      __m256 fs[T];                 // sum over lanes of (integer lane sum) * (lane's scale)
+      for (int t = 0; t < T; ++t) fs[t] = _mm256_setzero_ps();
 #ifdef POCKETLM_GGML_512
-      __m512i isum2[T];
-      for (int t = 0; t < T; ++t) isum2[t] = _mm512_setzero_si512();
+      __m512 fs2[T];
+      for (int t = 0; t < T; ++t) fs2[t] = _mm512_setzero_ps();
 #endif
-      float dd, dmin = 0.f;
-      __m128i mins16 = _mm_setzero_si128();
+      float dd;
       if constexpr (TYPE == Q4_K || TYPE == Q5_K) {
         dd = h2f(blk);
-        dmin = h2f(blk + 2);
+        const float dmin = h2f(blk + 2);
         alignas(16) uint8_t sc[8], mn[8];
         scales_mins_k4(blk + 4, sc, mn);
-        mins16 = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn)));
+        const __m256 mnf = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(
+            _mm_loadl_epi64(reinterpret_cast<const __m128i*>(mn)))));
+        for (int t = 0; t < T; ++t)  // dmin * sum_j m_j * (sum of x over sub-block j)
+          mins[t] = _mm256_fmadd_ps(mnf, _mm256_loadu_ps(a[t].fsum + c0 / 32), mins[t]);
         const uint8_t* ql = blk + (TYPE == Q4_K ? 16 : 48);
         __m256i qh;
         if constexpr (TYPE == Q5_K) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk + 16));
@@ -699,29 +704,39 @@ void rows_i8_k(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes,
             hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4));
           }
           const __m256i s0 = _mm256_set1_epi16(sc[2 * c]), s1 = _mm256_set1_epi16(sc[2 * c + 1]);
+          const int64_t col = c0 + 64 * c;
 #ifdef POCKETLM_GGML_512
           const __m512i s01 = join16(s0, s1);
-          for (int t = 0; t < T; ++t)
-            isum2[t] = k_dot512(isum2[t], lo, hi, a[t].xq + 256 * sb + 64 * c, s01);
+          for (int t = 0; t < T; ++t) {
+            const __m512i p = k_dot512(_mm512_setzero_si512(), lo, hi, a[t].xq + col, s01);
+            fs2[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(a[t].d + col / 4), fs2[t]);
+          }
           continue;
 #endif
           for (int t = 0; t < T; ++t) {
-            const int8_t* xp = a[t].xq + 256 * sb + 64 * c;
+            const int8_t* xp = a[t].xq + col;
             const __m256i x0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp));
             const __m256i x1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 32));
-            isum[t] = dp_s16(isum[t], _mm256_maddubs_epi16(lo, x0), s0);
-            isum[t] = dp_s16(isum[t], _mm256_maddubs_epi16(hi, x1), s1);
+            const __m256i p0 = dp_s16(_mm256_setzero_si256(), _mm256_maddubs_epi16(lo, x0), s0);
+            const __m256i p1 = dp_s16(_mm256_setzero_si256(), _mm256_maddubs_epi16(hi, x1), s1);
+            fs[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), _mm256_loadu_ps(a[t].d + col / 4), fs[t]);
+            fs[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), _mm256_loadu_ps(a[t].d + col / 4 + 8), fs[t]);
           }
         }
-#ifdef POCKETLM_GGML_512
-        for (int t = 0; t < T; ++t)
-          isum[t] = _mm256_add_epi32(_mm512_castsi512_si256(isum2[t]), _mm512_extracti64x4_epi64(isum2[t], 1));
-#endif
       } else {  // Q6_K: codes 0..63 (offset 32), a signed scale per 16
         const uint8_t* ql = blk;
         const uint8_t* qhp = blk + 128;
         const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
         dd = h2f(blk + 208);
+        // the offset: 32 * sum_k sc_k * (sum of x over the 16 columns k), scaled by dd below
+        const __m128i sc8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(sc));
+        const __m256 k32 = _mm256_set1_ps(32.f);
+        const __m256 so0 = _mm256_mul_ps(k32, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc8)));
+        const __m256 so1 = _mm256_mul_ps(k32, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc8, 8))));
+        for (int t = 0; t < T; ++t) {
+          fs[t] = _mm256_fnmadd_ps(so0, _mm256_loadu_ps(a[t].fsum + c0 / 16), fs[t]);
+          fs[t] = _mm256_fnmadd_ps(so1, _mm256_loadu_ps(a[t].fsum + c0 / 16 + 8), fs[t]);
+        }
         const __m256i m2 = _mm256_set1_epi8(0x03);
         for (int half = 0; half < 2; ++half) {
           const __m256i qa = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 64 * half));
@@ -739,41 +754,33 @@ void rows_i8_k(const float* act, int64_t K, const uint8_t* w, int64_t row_bytes,
 #ifdef POCKETLM_GGML_512
           for (int jp = 0; jp < 4; jp += 2) {  // runs jp, jp + 1: 64 contiguous columns
             const __m512i s2 = join16(sv[jp], sv[jp + 1]);
-            for (int t = 0; t < T; ++t)
-              isum2[t] = k_dot512(isum2[t], qj[jp], qj[jp + 1], a[t].xq + 256 * sb + 128 * half + 32 * jp, s2);
+            const int64_t col = c0 + 128 * half + 32 * jp;
+            for (int t = 0; t < T; ++t) {
+              const __m512i p = k_dot512(_mm512_setzero_si512(), qj[jp], qj[jp + 1], a[t].xq + col, s2);
+              fs2[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(a[t].d + col / 4), fs2[t]);
+            }
           }
           continue;
 #endif
           for (int j = 0; j < 4; ++j) {
-            const __m256i q = qj[j];
+            const int64_t col = c0 + 128 * half + 32 * j;
             for (int t = 0; t < T; ++t) {
-              const __m256i xv = _mm256_loadu_si256(
-                  reinterpret_cast<const __m256i*>(a[t].xq + 256 * sb + 128 * half + 32 * j));
-              isum[t] = dp_s16(isum[t], _mm256_maddubs_epi16(q, xv), sv[j]);
+              const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].xq + col));
+              const __m256i p = dp_s16(_mm256_setzero_si256(), _mm256_maddubs_epi16(qj[j], xv), sv[j]);
+              fs[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_loadu_ps(a[t].d + col / 4), fs[t]);
             }
           }
         }
-#ifdef POCKETLM_GGML_512
-        for (int t = 0; t < T; ++t)
-          isum[t] = _mm256_add_epi32(_mm512_castsi512_si256(isum2[t]), _mm512_extracti64x4_epi64(isum2[t], 1));
-#endif
-        // the offset: - 32 * sum_k sc_k * (sum of x_q over sub-block k)
-        const __m256i sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(sc)));
-        for (int t = 0; t < T; ++t) {
-          const __m256i bs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a[t].sums + 16 * sb));
-          isum[t] = _mm256_sub_epi32(isum[t], _mm256_slli_epi32(_mm256_madd_epi16(sc16, bs), 5));
-        }
       }
+      const __m256 ddv = _mm256_set1_ps(dd);
       for (int t = 0; t < T; ++t) {
-        const float dx = a[t].d[sb];
-        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[t]), _mm256_set1_ps(dd * dx), acc[t]);
-        if constexpr (TYPE == Q4_K || TYPE == Q5_K) {  // dmin * sum_j m_j * (sum of x_q over j)
-          const __m128i bs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a[t].sums + 16 * sb));
-          mins[t] += dmin * dx * float(hsum_i32x4(_mm_madd_epi16(mins16, bs)));
-        }
+#ifdef POCKETLM_GGML_512
+        fs[t] = _mm256_add_ps(fs[t], _mm256_add_ps(_mm512_castps512_ps256(fs2[t]), _mm512_extractf32x8_ps(fs2[t], 1)));
+#endif
+        acc[t] = _mm256_fmadd_ps(fs[t], ddv, acc[t]);
       }
     }
-    for (int t = 0; t < T; ++t) y[t * ldy + n] = hsum8(acc[t]) - mins[t];
+    for (int t = 0; t < T; ++t) y[t * ldy + n] = hsum8(acc[t]) - hsum8(mins[t]);
   }
 }
 
