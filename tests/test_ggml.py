@@ -23,6 +23,13 @@ ALL_TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F1
 K_QUANTS = {"Q4_K": 2, "Q5_K": 2, "Q6_K": 208}  # byte offset of the first fp16 scale field
 
 
+@pytest.fixture(autouse=True)
+def fp32_prefill(monkeypatch):
+    """These tests pin the fp32 products (to gguf.quants' values, to 1e-5); the bf16 ones that
+    packed prefill runs by default where the CPU has bf16 GEMMs are tests/test_bf16_prefill.py's."""
+    monkeypatch.setenv("POCKETLM_BF16_PREFILL", "0")
+
+
 def random_blocks(name: str, n: int, k: int, seed: int = 0) -> np.ndarray:
     """(n, row_bytes) uint8 of valid blocks: gguf.quants.quantize where it exists, otherwise
     (the K-quants) random bytes with finite fp16 super-block scales."""

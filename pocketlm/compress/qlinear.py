@@ -153,7 +153,8 @@ def _dequantized_matmul(x2: torch.Tensor, qw: QuantizedTensor, ext) -> torch.Ten
     ``kernels.bf16_prefill()`` says so (no gradients), else fp32."""
     from pocketlm.kernels import bf16_prefill
 
-    bf16 = x2.dtype == torch.float32 and not torch.is_grad_enabled() and bf16_prefill()
+    bf16 = (x2.shape[0] > GEMV_MAX_ROWS and x2.dtype == torch.float32
+            and not torch.is_grad_enabled() and bf16_prefill(packed=True))
     xin = x2.to(torch.bfloat16) if bf16 else x2
     tile = max(64, (1 << 20) // qw.kp // 64 * 64)  # output rows a tile: ~4 MB fp32
     codes = qw.kernel_codes() if ext is not None else qw.codes()

@@ -125,6 +125,14 @@ def isa() -> str:
 # (512 x 576 x 1536, 2-core Sapphire Rapids, issue 20). With AVX512-BF16 alone (2-core AMD
 # EPYC, Zen 4) bf16 lost: 0.6x fp32's GFLOP/s on the prefill shapes, A B A B, so there it is
 # off unless asked for.
+# Packed weights (GGUF blocks, our int codes) are dequantized a tile at a time for every
+# product anyway, so rounding the tile to bf16 costs one more pass over it; there bf16 is on
+# wherever the CPU has bf16 GEMMs. Prefill 512, fp32 vs bf16 A B in one process (1 thread,
+# loaded 2-core EPYC with AVX512-BF16, no AMX; torch 2.13, oneDNN 3.12): SmolLM2 Q4_1 1.75x,
+# Gemma-3-270M Q4_K_M 1.68x, Qwen2.5-Coder 0.5B / 1.5B Q4_K_M 2.41x / 2.51x; WikiText-2
+# perplexity (2 windows of 512 tokens) +0.13%, +0.08%, -0.02%, +0.03% (SmolLM2 over 8
+# windows: +0.03%); our RTN int4 g128 / int8 codes on SmolLM2: 1.48x / 1.55x, -0.00% / +0.20%.
+# All inside issue 20's 0.3% bar (bench/bf16_prefill.py).
 
 
 @lru_cache(maxsize=1)
@@ -144,12 +152,14 @@ def cpu_has_amx() -> bool:
     return bool(getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", lambda: False)())
 
 
-def bf16_prefill() -> bool:
-    """Whether prefill-sized products (more than 8 rows, no gradients) run in bf16.
-    ``POCKETLM_BF16_PREFILL=1``/``0`` turns it on/off; by default it is on where the CPU has
-    AMX (see above). Never on a CPU without bf16 GEMMs (an emulated one is slower than fp32)."""
+def bf16_prefill(packed: bool = False) -> bool:
+    """Whether prefill-sized products (more than 8 rows, no gradients) run in bf16; ``packed``
+    for products that dequantize packed weights (GGUF blocks, our int codes) a tile at a time.
+    ``POCKETLM_BF16_PREFILL=1``/``0`` turns it on/off for both; by default it is on for dense
+    weights where the CPU has AMX, for packed ones wherever it has bf16 GEMMs (see above).
+    Never on a CPU without bf16 GEMMs (an emulated one is ~4x slower than fp32)."""
     env = os.environ.get("POCKETLM_BF16_PREFILL")
-    want = cpu_has_amx() if env is None else env == "1"
+    want = (packed or cpu_has_amx()) if env is None else env == "1"
     return want and cpu_has_bf16()
 
 

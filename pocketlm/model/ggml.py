@@ -9,7 +9,8 @@ computes from the blocks:
 - up to ``MAX_ROWS`` input rows (decode): one matrix-vector call, each block decoded in
   registers and multiplied with every row, so each weight byte is read once a step;
 - more rows (prefill, scoring): ``TILE_BYTES`` of output rows at a time are dequantized to fp32
-  and multiplied with oneDNN's GEMM, so no whole fp32 copy of a matrix ever exists;
+  and multiplied with oneDNN's GEMM, so no whole fp32 copy of a matrix ever exists; in bf16
+  (tile and activations rounded) where ``kernels.bf16_prefill(packed=True)`` says so;
 - an embedding dequantizes only the rows it looks up; a tied output head reads the same bytes.
 
 Without the compiled kernels the same modules dequantize with the ``gguf`` package (slow, but
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pocketlm.errors import UnsupportedModel
+from pocketlm.kernels import bf16_prefill
 
 MAX_ROWS = 8  # input rows up to which the matrix-vector kernel beats dequantize + GEMM
 TILE_BYTES = 16 << 20  # fp32 bytes of one dequantized tile of output rows (prefill)
@@ -165,12 +167,23 @@ class GGMLTensor(nn.Module):
             lib.pocketlm_ggml_gemv(self.qtype, x2.data_ptr(), rows, self.k, self.blocks.data_ptr(),
                                    self.blocks.shape[1], self.n, y.data_ptr())
         else:
+            # bf16 (``kernels.bf16_prefill``): the fp32 tile and the activations are rounded to
+            # bf16, oneDNN accumulates in fp32 and rounds the product to bf16, handed on as fp32.
+            # 16-bit weights (F16/BF16 rows: a 16-bit model, not a quantized one) stay fp32.
+            bf16 = (rows > MAX_ROWS and not grad and self.qtype not in _TORCH_16
+                    and bf16_prefill(packed=True))
+            xin = x2.to(torch.bfloat16) if bf16 else x2
+
+            def product(part: slice) -> torch.Tensor:
+                w = self.dequantize(part, exact=False)
+                return F.linear(xin, w.to(torch.bfloat16) if bf16 else w)
+
             tile = max(16, TILE_BYTES // (4 * self.k))
             if tile >= self.n:
-                y = F.linear(x2, self.dequantize(exact=False))
+                y = product(slice(0, self.n))
             else:
-                y = torch.cat([F.linear(x2, self.dequantize(slice(r, r + tile), exact=False))
-                               for r in range(0, self.n, tile)], dim=-1)
+                y = torch.cat([product(slice(r, r + tile)) for r in range(0, self.n, tile)], dim=-1)
+            y = y.float() if bf16 else y
         return y.view(*x.shape[:-1], self.n)
 
     def extra_repr(self) -> str:
