@@ -73,6 +73,11 @@ def test_calibrate_choices_and_plot(tmp_path):
     assert r["points"][-1].quality == pytest.approx(r["large_accuracy"])
     assert r["points"][0].quality == pytest.approx(r["small_accuracy"])
     assert r["small_s"] > 0 and r["large_s"] > 0  # what each model's scoring cost, for the saving
+    # scoring items eight at a time gives each item what scoring it alone gives
+    many = C.choice_scores_many(small, [(it.context, it.choices) for it in items], batch=4)
+    for it, (pick, margin) in zip(items, many):
+        one = C.choice_scores(small, it.context, it.choices)
+        assert pick == one[0] and margin == pytest.approx(one[1], abs=1e-4)
     path = C.plot({"toy": r["points"]}, str(tmp_path / "c.png"), {"toy": r["large_accuracy"]},
                   {"toy": r["chosen"]})
     from pathlib import Path
