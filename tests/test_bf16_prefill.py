@@ -175,3 +175,23 @@ def test_packed_prefill_is_bf16_by_default_on_this_cpu(packed_gguf, bf16_product
     monkeypatch.delenv("POCKETLM_BF16_PREFILL", raising=False)
     prompt_logits(packed_gguf, 40)
     assert bf16_products and all(bf16_products)
+
+
+def test_the_evaluator_scores_in_fp32_so_it_agrees_with_lm_eval(bf16_cpu, monkeypatch, tmp_path):
+    """bf16 prefill is the default for generation, but evaluate() scores in fp32: lm-eval's
+    transformers backend is fp32, and a 0.1% move in perplexity breaks item-for-item agreement."""
+    from pocketlm.evaluate import run
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kernels.bf16_prefill(packed=True))
+        return {"tasks": {}}
+
+    monkeypatch.setattr(run, "_evaluate", spy)
+    assert kernels.bf16_prefill(packed=True)  # the default outside
+    run.evaluate(None, "wikitext2")
+    assert seen == [False] and kernels.bf16_prefill(packed=True)
+    monkeypatch.setenv("POCKETLM_BF16_PREFILL", "1")  # the user may still ask for bf16
+    run.evaluate(None, "wikitext2")
+    assert seen == [False, True]

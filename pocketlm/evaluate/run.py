@@ -18,6 +18,7 @@ numbers count the sampled items, so they never mix with a full or ``limit`` run'
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -235,7 +236,14 @@ def _run_rolling(model, pages, cache, window, stride, batch_size, show):
         bar.close()
 
 
-def evaluate(
+def evaluate(*args, **kwargs) -> dict:  # signature and docstring: _evaluate's (below)
+    from pocketlm.kernels import fp32_products
+
+    with fp32_products():  # scores as lm-eval's fp32 backend gives them (see kernels)
+        return _evaluate(*args, **kwargs)
+
+
+def _evaluate(
     model,
     tasks: str | list[str] = "wikitext2,lambada,hellaswag,arc_easy,arc_challenge,piqa",
     limit: int | None = None,
@@ -435,3 +443,7 @@ def save_card(model, folder: str | Path) -> Path:
     saved model folder, so the README never lags the metrics just measured."""
     model.card.save(folder, model.config)
     return Path(folder) / "card.json"
+
+
+evaluate.__doc__ = _evaluate.__doc__
+evaluate.__signature__ = inspect.signature(_evaluate)

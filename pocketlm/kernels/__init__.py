@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -152,6 +153,23 @@ def cpu_has_amx() -> bool:
     return bool(getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", lambda: False)())
 
 
+_fp32_depth = 0  # > 0 inside fp32_products(): a process-wide flag, seen by every thread
+
+
+@contextmanager
+def fp32_products():
+    """Within this block, prefill-sized products stay fp32 whatever the bf16 default (only
+    ``POCKETLM_BF16_PREFILL=1`` still forces bf16). The evaluator runs in one, so its scores
+    stay the ones lm-eval's fp32 transformers backend gives on the same weights, item for
+    item, and its per-item cache never mixes two precisions."""
+    global _fp32_depth
+    _fp32_depth += 1
+    try:
+        yield
+    finally:
+        _fp32_depth -= 1
+
+
 def bf16_prefill(packed: bool = False) -> bool:
     """Whether prefill-sized products (more than 8 rows, no gradients) run in bf16; ``packed``
     for products that dequantize packed weights (GGUF blocks, our int codes) a tile at a time.
@@ -159,6 +177,8 @@ def bf16_prefill(packed: bool = False) -> bool:
     weights where the CPU has AMX, for packed ones wherever it has bf16 GEMMs (see above).
     Never on a CPU without bf16 GEMMs (an emulated one is ~4x slower than fp32)."""
     env = os.environ.get("POCKETLM_BF16_PREFILL")
+    if env is None and _fp32_depth:
+        return False
     want = (packed or cpu_has_amx()) if env is None else env == "1"
     return want and cpu_has_bf16()
 
