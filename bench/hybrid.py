@@ -114,6 +114,17 @@ def llama_speculative(binary: Path, target: str, draft: str, prompt: str, n: int
     return out
 
 
+def route_examples(train: list[dict], intents: list[str], n: int) -> list[str]:
+    """``n`` training texts for a route, taken in turn from each of its intents (the train file
+    is sorted by intent: its first ``n`` rows of a route would all be one intent's)."""
+    by_intent = [[r["text"] for r in train if r["category"] == i] for i in intents]
+    out, k = [], 0
+    while len(out) < n and any(k < len(t) for t in by_intent):
+        out += [t[k] for t in by_intent if k < len(t)][: n - len(out)]
+        k += 1
+    return out
+
+
 def router(a) -> dict:
     from pocketlm.hybrid import router as R
 
@@ -128,8 +139,8 @@ def router(a) -> dict:
         test = test[:50]
     out = {}
     for emb in a.embedder:
-        routes = [R.Route(g, model="-", examples=[r["text"] for r in train if label[r["category"]] == g][: a.examples])
-                  for g in BANKING_ROUTES]
+        routes = [R.Route(g, model="-", examples=route_examples(train, intents, a.examples))
+                  for g, intents in BANKING_ROUTES.items()]
         r = R.Router(R.RouterConfig(routes, "account", emb))
         r.decide("warm-up")
         ms, right = [], 0
