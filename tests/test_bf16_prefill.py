@@ -28,6 +28,7 @@ def bf16_cpu(monkeypatch):
     """The switch as on a CPU with bf16 GEMMs and no AMX (AVX512-BF16), wherever we run."""
     monkeypatch.setattr(kernels, "cpu_has_bf16", lambda: True)
     monkeypatch.setattr(kernels, "cpu_has_amx", lambda: False)
+    monkeypatch.setattr(kernels, "PACKED_BF16_DEFAULT", True)  # as where it is the default
     monkeypatch.delenv("POCKETLM_BF16_PREFILL", raising=False)
 
 
@@ -154,6 +155,7 @@ def test_fp32_models_keep_fp32_prefill_without_amx(bf16_cpu, bf16_products):
 
 def test_the_switch(monkeypatch):
     monkeypatch.setattr(kernels, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(kernels, "PACKED_BF16_DEFAULT", True)
     for amx in (False, True):
         monkeypatch.setattr(kernels, "cpu_has_amx", lambda amx=amx: amx)
         monkeypatch.delenv("POCKETLM_BF16_PREFILL", raising=False)
@@ -167,18 +169,28 @@ def test_the_switch(monkeypatch):
     assert not kernels.bf16_prefill(packed=True) and not kernels.bf16_prefill()
     monkeypatch.delenv("POCKETLM_BF16_PREFILL")
     assert not kernels.bf16_prefill(packed=True)
+    monkeypatch.setattr(kernels, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(kernels, "PACKED_BF16_DEFAULT", False)  # opt-in: only when asked
+    assert not kernels.bf16_prefill(packed=True)
+    monkeypatch.setenv("POCKETLM_BF16_PREFILL", "1")
+    assert kernels.bf16_prefill(packed=True)
 
 
 @pytest.mark.skipif(not kernels.cpu_has_bf16(),
                     reason="this CPU has no bf16 GEMMs (AVX512-BF16 or AMX)")
-def test_packed_prefill_is_bf16_by_default_on_this_cpu(packed_gguf, bf16_products, monkeypatch):
+def test_packed_prefill_on_this_cpu_follows_the_default_and_the_switch(packed_gguf, bf16_products,
+                                                                       monkeypatch):
     monkeypatch.delenv("POCKETLM_BF16_PREFILL", raising=False)
+    prompt_logits(packed_gguf, 40)
+    assert bf16_products and all(p == kernels.PACKED_BF16_DEFAULT for p in bf16_products)
+    bf16_products.clear()
+    monkeypatch.setenv("POCKETLM_BF16_PREFILL", "1")
     prompt_logits(packed_gguf, 40)
     assert bf16_products and all(bf16_products)
 
 
 def test_the_evaluator_scores_in_fp32_so_it_agrees_with_lm_eval(bf16_cpu, monkeypatch, tmp_path):
-    """bf16 prefill is the default for generation, but evaluate() scores in fp32: lm-eval's
+    """Where bf16 prefill is the default for generation, evaluate() still scores in fp32: lm-eval's
     transformers backend is fp32, and a 0.1% move in perplexity breaks item-for-item agreement."""
     from pocketlm.evaluate import run
 

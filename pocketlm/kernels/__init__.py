@@ -133,7 +133,11 @@ def isa() -> str:
 # Gemma-3-270M Q4_K_M 1.68x, Qwen2.5-Coder 0.5B / 1.5B Q4_K_M 2.41x / 2.51x; WikiText-2
 # perplexity (2 windows of 512 tokens) +0.13%, +0.08%, -0.02%, +0.03% (SmolLM2 over 8
 # windows: +0.03%); our RTN int4 g128 / int8 codes on SmolLM2: 1.48x / 1.55x, -0.00% / +0.20%.
-# All inside issue 20's 0.3% bar (bench/bf16_prefill.py).
+# All inside issue 20's 0.3% bar (bench/bf16_prefill.py). Still opt-in for packed weights
+# (POCKETLM_BF16_PREFILL=1): the slow tests that check the real default model's logits against
+# transformers (fp32) at 2e-3 / 1e-3 were not yet moved to pinned fp32 or to bf16 tolerances,
+# and the gain at 2 threads on a quiet machine is not measured. Flip PACKED_BF16_DEFAULT then.
+PACKED_BF16_DEFAULT = False
 
 
 @lru_cache(maxsize=1)
@@ -174,12 +178,12 @@ def bf16_prefill(packed: bool = False) -> bool:
     """Whether prefill-sized products (more than 8 rows, no gradients) run in bf16; ``packed``
     for products that dequantize packed weights (GGUF blocks, our int codes) a tile at a time.
     ``POCKETLM_BF16_PREFILL=1``/``0`` turns it on/off for both; by default it is on for dense
-    weights where the CPU has AMX, for packed ones wherever it has bf16 GEMMs (see above).
+    weights where the CPU has AMX, for packed ones if ``PACKED_BF16_DEFAULT`` (see above).
     Never on a CPU without bf16 GEMMs (an emulated one is ~4x slower than fp32)."""
     env = os.environ.get("POCKETLM_BF16_PREFILL")
     if env is None and _fp32_depth:
         return False
-    want = (packed or cpu_has_amx()) if env is None else env == "1"
+    want = (PACKED_BF16_DEFAULT if packed else cpu_has_amx()) if env is None else env == "1"
     return want and cpu_has_bf16()
 
 
