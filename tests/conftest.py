@@ -35,3 +35,15 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def golden() -> Path:
     return SHARED / "golden"
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train faster on one thread than on contended ones; restored afterwards
+    (``pytestmark = pytest.mark.usefixtures("one_thread")`` in a module that trains)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

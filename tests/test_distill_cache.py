@@ -23,13 +23,7 @@ from pocketlm.train.distill import (
 from pocketlm.train.steps import distill
 from pocketlm.train.trainer import TrainSettings, train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models train faster on 1
 
 
 def blocks(n_rows=64, seq_len=8) -> Blocks:
